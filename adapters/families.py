@@ -1,0 +1,2 @@
+"""Importing this module registers every family adapter."""
+from . import llava  # noqa: F401

@@ -1,0 +1,336 @@
+"""The family-independent route from processor outputs to a shorter prefill.
+
+1. encode every image/video with the family's own encoder (adapter),
+2. compress each item (temporal merging, prompt-guided pooling or merging to a budget),
+3. keep, for every compressed token, the placeholder slot of its first source (its *anchor*) and
+   drop the other placeholders, so ``input_ids``, ``attention_mask`` and per-token ids shrink together,
+4. place every compressed token at the centroid of its sources' original positions, with V2PE's δ,
+5. hand the features to the model as ``mm_encoder_outputs``: its own code scatters them and its
+   own ``generate()`` loop does the rest (cache, sampling, stopping).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmcompress.config import CompressionConfig
+from vlmcompress.state import TokenState
+
+from .base import FamilyAdapter
+
+
+@dataclass
+class ItemReport:
+    """Token counts of one image or video through the stages."""
+
+    modality: str
+    row: int
+    placeholders: int      # tokens the processor reserved (what the LLM would read unpatched)
+    after_vision: int      # tokens leaving the vision tower + projector (stage A)
+    after_compress: int    # tokens reaching the LLM (stage B)
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.after_compress / self.placeholders
+
+
+@dataclass
+class CompressionReport:
+    """What the last patched call did; ``model.vlmcompress.report`` after a call."""
+
+    items: list[ItemReport] = field(default_factory=list)
+    prefill_before: list[int] = field(default_factory=list)   # per row, real (unpadded) tokens
+    prefill_after: list[int] = field(default_factory=list)
+
+    @property
+    def visual_before(self) -> int:
+        return sum(i.placeholders for i in self.items)
+
+    @property
+    def visual_after(self) -> int:
+        return sum(i.after_compress for i in self.items)
+
+    def summary(self) -> str:
+        lines = [f"visual tokens {self.visual_before} -> {self.visual_after}; prefill per row "
+                 f"{self.prefill_before} -> {self.prefill_after}"]
+        for it in self.items:
+            lines.append(f"  {it.modality} (row {it.row}): {it.placeholders} -> {it.after_vision} (vision) "
+                         f"-> {it.after_compress} (LLM)")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Item:
+    modality: str
+    row: int
+    slots: torch.Tensor            # [N0] placeholder indices in the row
+    state: TokenState              # batch of one; pos holds absolute original positions (D cols, padded to 3)
+    grid: tuple | None
+    anchors: torch.Tensor | None = None   # [M] increasing indices into slots
+    tail: int = 0                         # trailing tokens kept out of compression (EncodedItems.keep_tail)
+
+
+def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: dict, *,
+                   question: str | list[str] | None = None) -> tuple[dict, CompressionReport]:
+    """Turn processor outputs into compressed model inputs. Returns ``(new_kwargs, report)``."""
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        raise ValueError("vlmcompress needs input_ids next to the pixel inputs (to find the placeholder tokens); "
+                         "inputs_embeds alone are not supported on a patched model")
+    if kwargs.get("labels") is not None:
+        raise ValueError("labels are not supported on a patched model: compression changes the sequence length")
+    kwargs = dict(kwargs)
+    batch, length = ids.shape
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    positions = adapter.original_positions(kwargs)            # [D, B, L] float64
+    dims = positions.shape[0]
+
+    items: list[_Item] = []
+    encoded: dict[str, list[_Item]] = {}
+    for modality in adapter.modalities(kwargs):
+        enc = adapter.encode(modality, kwargs)
+        token_id = adapter.token_id(modality)
+        hits = (ids == token_id) & mask.bool()
+        rows, cols = hits.nonzero(as_tuple=True)
+        if rows.numel() != sum(enc.placeholders):
+            raise ValueError(f"found {rows.numel()} {modality} placeholder tokens (id {token_id}) in input_ids "
+                             f"but the {modality} inputs need {sum(enc.placeholders)}: pass input_ids exactly "
+                             "as the processor returned them")
+        start = 0
+        encoded[modality] = []
+        for i, count in enumerate(enc.placeholders):
+            r, c = rows[start:start + count], cols[start:start + count]
+            start += count
+            if (r != r[0]).any():
+                raise ValueError(f"{modality} {i} spans several batch rows; the processor output looks malformed")
+            row = int(r[0])
+            orig = positions[:, row, c].T                      # [N0, D]
+            state = _initial_state(adapter, enc, i, orig)
+            tail = int(enc.keep_tail[i]) if enc.keep_tail is not None else 0
+            if tail and enc.states is not None and enc.states[i] is not None:
+                raise ValueError(f"{modality} {i}: keep_tail together with a merging vision tower is not supported")
+            item = _Item(modality, row, c, state, enc.grids[i], tail=tail)
+            encoded[modality].append(item)
+            items.append(item)
+
+    report = CompressionReport()
+    for item in items:
+        before = item.state.num_tokens
+        item.state = _compress_keeping_tail(item.state, item.tail, item.grid, config,
+                                            _question_for(question, item.row))
+        item.state = _order_by_first_source(item.state)
+        item.anchors = _anchors(item.state)
+        report.items.append(ItemReport(item.modality, item.row, item.slots.numel(), before, item.state.num_tokens))
+
+    keep = mask.bool().clone()
+    for item in items:
+        drop = torch.ones(item.slots.numel(), dtype=torch.bool, device=ids.device)
+        drop[item.anchors] = False
+        keep[item.row, item.slots[drop]] = False
+    real = mask.bool()
+    report.prefill_before = real.sum(1).tolist()
+    report.prefill_after = keep.sum(1).tolist()
+
+    moved = any(i.state.num_tokens != i.slots.numel() for i in items) or config.v2pe_delta != 1.0
+    new_pos = _new_positions(positions, mask.bool(), items, config.v2pe_delta) if moved else None
+
+    # Keep the caller's padding side; generation needs left padding, so that is the default.
+    left = not (bool((mask[:, -1] == 0).any()) and bool(mask[:, 0].all()))
+    new_len = max(report.prefill_after)
+    pad_id = _pad_value(ids, mask, adapter)
+    out = {"input_ids": _pack(ids, keep, new_len, pad_id, left),
+           "attention_mask": _pack(torch.ones_like(mask), keep, new_len, 0, left)}
+    for key in adapter.token_keys:
+        if kwargs.get(key) is not None:
+            out[key] = _pack(kwargs[key], keep, new_len, 0, left)
+    if new_pos is not None:
+        packed = torch.stack([_pack(new_pos[d], keep, new_len, 0, left) for d in range(dims)])
+        out.update(adapter.position_kwargs(packed, out["attention_mask"]))
+
+    for modality, its in encoded.items():
+        for key in adapter.pixel_keys.get(modality, ()):
+            kwargs.pop(key, None)
+        feats = [i.state.x[0] for i in its]
+        kwargs.setdefault("mm_encoder_outputs", {})
+        kwargs["mm_encoder_outputs"] = dict(kwargs["mm_encoder_outputs"] or {})
+        kwargs["mm_encoder_outputs"][modality] = adapter.encoder_output(modality, feats, kwargs)
+    kwargs.update(out)
+    return kwargs, report
+
+
+def compress_item(state: TokenState, grid, config: CompressionConfig, *, question: str | None = None) -> TokenState:
+    """Stage B for one item (``state`` holds a batch of one): pooling/merging to the budget, then
+    temporal merging across frames."""
+    from vlmcompress import merge as merge_ops
+    from vlmcompress import pool as pool_ops
+
+    n0 = state.num_tokens
+    target = n0
+    if config.keep_ratio < 1.0:
+        target = min(target, max(1, math.ceil(config.keep_ratio * n0)))
+    if config.token_budget is not None:
+        target = min(target, config.token_budget)
+
+    if target < n0 and grid is not None and config.budget_method == "pool":
+        out_grid = pool_ops.grid_for_budget(grid, target)
+        relevance = _relevance(config, question, state, grid)
+        state = pool_ops.prompt_guided_pool(state, grid, out_grid, relevance, tau=config.pool_tau)
+        grid = out_grid
+    elif target < n0:
+        while state.num_tokens > target:
+            r = state.num_tokens - target
+            plan = merge_ops.bipartite_soft_matching(state.x, r)
+            if plan.num_out == state.num_tokens:
+                break
+            state = plan.merge(state)
+
+    frames = grid[0] if grid is not None else 1
+    if frames > 1 and (config.temporal_threshold is not None or config.temporal_keep < 1.0):
+        per_frame = state.num_tokens // frames
+        if config.temporal_threshold is not None:
+            plan = merge_ops.temporal_matching(state.x, frames, threshold=config.temporal_threshold)
+        else:
+            plan = merge_ops.temporal_matching(state.x, frames, budget=per_frame - max(1, math.ceil(config.temporal_keep * per_frame)))
+        state = plan.merge(state)
+    return state
+
+
+def _compress_keeping_tail(state: TokenState, tail: int, grid, config: CompressionConfig, question) -> TokenState:
+    """``compress_item`` on all but the last ``tail`` tokens, which are appended unchanged."""
+    if not tail:
+        return compress_item(state, grid, config, question=question)
+    n = state.num_tokens
+    if not 0 < tail < n:
+        raise ValueError(f"keep_tail must be in [0, {n}) for an item of {n} tokens, got {tail}")
+    head = TokenState(state.x[:, :n - tail], state.size[:, :n - tail], state.pos[:, :n - tail],
+                      torch.arange(n - tail, device=state.x.device).unsqueeze(0))
+    head = compress_item(head, grid, config, question=question)
+    m = head.num_tokens
+    # Fresh states from _initial_state have source = arange(n); compose with the head's map.
+    source = torch.cat([head.source, torch.arange(m, m + tail, device=state.x.device).unsqueeze(0)], 1)
+    source = source.gather(1, state.source)
+    return TokenState(torch.cat([head.x, state.x[:, n - tail:]], 1), torch.cat([head.size, state.size[:, n - tail:]], 1),
+                      torch.cat([head.pos, state.pos[:, n - tail:]], 1), source)
+
+
+def _order_by_first_source(state: TokenState) -> TokenState:
+    """Reorder tokens by the first original token each holds.
+
+    Pooling and temporal merging already give that order; bipartite merging keeps its survivors in
+    order, but a survivor may hold an earlier token that merged into it, so the first sources can be
+    out of order. Sorting (a permutation of whole tokens) keeps every token's features, size and
+    centroid and makes the anchor slots increase.
+    """
+    src = state.source[0]
+    m = state.num_tokens
+    first = torch.full((m,), src.numel(), dtype=torch.long, device=src.device)
+    first = first.scatter_reduce(0, src, torch.arange(src.numel(), device=src.device), reduce="amin")
+    order = first.argsort(stable=True)
+    if bool((order == torch.arange(m, device=order.device)).all()):
+        return state
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(m, device=order.device)
+    return TokenState(state.x[:, order], state.size[:, order], state.pos[:, order], rank[state.source])
+
+
+def _relevance(config, question, state, grid):
+    scorer = config.relevance
+    if scorer is None:
+        return None
+    if question is None:
+        raise ValueError("config.relevance is set but no question is known: pass question=... to generate(), "
+                         "or patch(model, config, processor=processor) so the prompt can be read")
+    return scorer.score_features(question, state.x, grid)
+
+
+def _question_for(question, row):
+    if question is None or isinstance(question, str):
+        return question
+    return question[row]
+
+
+def _initial_state(adapter, enc, i, orig) -> TokenState:
+    feats = enc.features[i].unsqueeze(0)
+    pad = torch.zeros(orig.shape[0], 3 - orig.shape[1], dtype=torch.float64, device=orig.device)
+    tower = enc.states[i] if enc.states is not None else None
+    if tower is None:
+        n = feats.shape[1]
+        if n != orig.shape[0]:
+            raise ValueError(f"item {i} has {n} features for {orig.shape[0]} placeholders and no merge record")
+        pos = torch.cat([orig.to(torch.float64), pad], 1) if orig.shape[1] < 3 else orig.to(torch.float64)
+        size = torch.ones(1, n, dtype=torch.float32, device=feats.device)
+        source = torch.arange(n, device=feats.device).unsqueeze(0)
+        return TokenState(feats, size, pos.unsqueeze(0).to(feats.device), source)
+    absolute = adapter.grid_to_positions(orig, tower.pos[0], enc.grids[i])      # [M, D]
+    pad = torch.zeros(absolute.shape[0], 3 - absolute.shape[1], dtype=torch.float64, device=absolute.device)
+    pos = torch.cat([absolute, pad], 1) if absolute.shape[1] < 3 else absolute
+    return TokenState(feats, tower.size.to(torch.float32), pos.unsqueeze(0).to(feats.device), tower.source)
+
+
+def _anchors(state: TokenState) -> torch.Tensor:
+    """Slot of each output token: the first original token it holds (increasing for our operators)."""
+    src = state.source[0]
+    m = state.num_tokens
+    anchors = torch.full((m,), src.numel(), dtype=torch.long, device=src.device)
+    anchors = anchors.scatter_reduce(0, src, torch.arange(src.numel(), device=src.device), reduce="amin")
+    if (anchors >= src.numel()).any() or (anchors[1:] <= anchors[:-1]).any():
+        raise RuntimeError("compressed tokens do not map to increasing placeholder slots; this is a bug in vlmcompress")
+    return anchors
+
+
+def _new_positions(positions: torch.Tensor, real: torch.Tensor, items: list[_Item], delta: float) -> torch.Tensor:
+    """New absolute positions ``[D, B, L]`` (valid where ``keep``), V2PE rule per placeholder run.
+
+    A run that follows a token at original position ``p0`` (new ``p0'``) places a compressed token
+    whose sources' centroid is ``c`` at ``p0' + δ(c - p0)``; the text after the run, originally at
+    ``P``, goes to ``ceil(p0' + δ(P - 1 - p0)) + 1``. With δ = 1 and nothing merged this is the identity.
+    """
+    dims, batch, length = positions.shape
+    new = positions.clone()
+    owner = {}
+    for item in items:
+        cent = item.state.pos[0, :, :dims].to(torch.float64)
+        for m, slot in enumerate(item.anchors.tolist()):
+            owner[(item.row, int(item.slots[slot]))] = cent[m]
+        for slot in item.slots.tolist():
+            owner.setdefault((item.row, slot), None)
+    for b in range(batch):
+        shift = 0.0
+        i = 0
+        while i < length:
+            if (b, i) not in owner:
+                new[:, b, i] = positions[:, b, i] + shift
+                i += 1
+                continue
+            j = i
+            while j < length and (b, j) in owner:
+                j += 1
+            p0 = positions[:, b, i].min() - 1
+            p0_new = p0 + shift
+            for k in range(i, j):
+                c = owner[(b, k)]
+                if c is not None:
+                    new[:, b, k] = p0_new + delta * (c - p0)
+            after = positions[:, b, j].min() if j < length and real[b, j] else positions[:, b, i:j].max() + 1
+            after_new = math.ceil(float(p0_new + delta * (after - 1 - p0))) + 1
+            shift = after_new - float(after)
+            i = j
+    return new
+
+
+def _pack(values: torch.Tensor, keep: torch.Tensor, length: int, pad, left: bool) -> torch.Tensor:
+    rows = []
+    for b in range(values.shape[0]):
+        kept = values[b][keep[b]]
+        fill = values.new_full((length - kept.shape[0],), pad)
+        rows.append(torch.cat([fill, kept]) if left else torch.cat([kept, fill]))
+    return torch.stack(rows)
+
+
+def _pad_value(ids, mask, adapter) -> int:
+    pads = ids[mask == 0]
+    return int(pads[0]) if pads.numel() else adapter.pad_token_id()

@@ -1,0 +1,131 @@
+"""What to compress and how much: one validated, immutable record shared by every adapter."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+_POSITION_MODES = ("centroid",)
+_BUDGET_METHODS = ("pool", "merge")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Compression settings, validated at construction.
+
+    Stage A, inside the vision tower (ToMe):
+        vision_keep: fraction of patch tokens that leave the vision tower (1 = no merging).
+        vision_ramp: ToMe's schedule slope in [0, 1); 0 merges the same number in every layer.
+        proportional_attention: add log(size) of each key to the attention logits after merging.
+    Stage B, after the projector, per image or video:
+        temporal_threshold: video frames merge a token into its best match in the previous frame when
+            the cosine exceeds this value (None = off). Mutually exclusive with ``temporal_keep``.
+        temporal_keep: fraction of each frame's tokens (after the first frame) that stays unmerged
+            in temporal merging (1 = off).
+        keep_ratio: fraction of visual tokens that reach the LLM after pooling/merging (1 = off).
+        token_budget: an absolute cap on the visual tokens of each image or video (None = off).
+            When both ``keep_ratio`` and ``token_budget`` are set the smaller count wins.
+        budget_method: ``"pool"`` (prompt-guided pooling on the token grid, PPLLaVA) or ``"merge"``
+            (bipartite merging; used automatically where the features are no plain grid).
+        pool_tau: temperature of the per-window relevance softmax (0.01 in PPLLaVA).
+        relevance: ``None`` for plain average pooling, or a scorer object with a
+            ``score_features(question, features, grid)`` / ``score(question, frames, target_grid)`` method.
+    Stage C, positions in the LLM:
+        v2pe_delta: V2PE step of a visual token (1 = the model's own positions).
+        llm_proportional_attention: log-size key bias for merged visual tokens in the LLM (off by default).
+    """
+
+    vision_keep: float = 1.0
+    vision_ramp: float = 0.0
+    proportional_attention: bool = True
+    temporal_threshold: float | None = None
+    temporal_keep: float = 1.0
+    keep_ratio: float = 1.0
+    token_budget: int | None = None
+    budget_method: str = "pool"
+    pool_tau: float = 0.01
+    relevance: Any = None
+    v2pe_delta: float = 1.0
+    llm_proportional_attention: bool = False
+
+    def __post_init__(self) -> None:
+        _fraction("vision_keep", self.vision_keep)
+        _fraction("temporal_keep", self.temporal_keep)
+        _fraction("keep_ratio", self.keep_ratio)
+        if not isinstance(self.vision_ramp, (int, float)) or not 0.0 <= self.vision_ramp < 1.0:
+            raise ValueError(f"vision_ramp must be a number in [0, 1), got {self.vision_ramp!r}")
+        if self.temporal_threshold is not None:
+            t = self.temporal_threshold
+            if not isinstance(t, (int, float)) or math.isnan(t) or not -1.0 <= t <= 1.0:
+                raise ValueError(f"temporal_threshold must be a cosine in [-1, 1] or None, got {t!r}")
+            if self.temporal_keep != 1.0:
+                raise ValueError("temporal_threshold and temporal_keep are two ways to set temporal merging; set only one")
+        if self.token_budget is not None:
+            if isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget < 1:
+                raise ValueError(f"token_budget must be a positive int or None, got {self.token_budget!r}")
+        if self.budget_method not in _BUDGET_METHODS:
+            raise ValueError(f"budget_method must be one of {_BUDGET_METHODS}, got {self.budget_method!r}")
+        if not isinstance(self.pool_tau, (int, float)) or not self.pool_tau > 0 or math.isinf(self.pool_tau):
+            raise ValueError(f"pool_tau must be a finite number > 0, got {self.pool_tau!r}")
+        d = self.v2pe_delta
+        if not isinstance(d, (int, float)) or math.isnan(d) or not 0.0 < d <= 1.0:
+            raise ValueError(f"v2pe_delta must be in (0, 1] (V2PE uses 1/256 … 1), got {d!r}")
+        for flag in ("proportional_attention", "llm_proportional_attention"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.relevance is not None and not (hasattr(self.relevance, "score_features") or hasattr(self.relevance, "score")):
+            raise TypeError("relevance must be None or a scorer with a score_features()/score() method, "
+                            f"e.g. vlmcompress.ClipRelevanceScorer; got {type(self.relevance).__name__}")
+
+    @property
+    def compresses_vision(self) -> bool:
+        return self.vision_keep < 1.0
+
+    @property
+    def compresses_tokens(self) -> bool:
+        return (self.keep_ratio < 1.0 or self.token_budget is not None or self.temporal_keep < 1.0
+                or self.temporal_threshold is not None)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the model must behave exactly as unpatched."""
+        return not self.compresses_vision and not self.compresses_tokens and self.v2pe_delta == 1.0 \
+            and not self.llm_proportional_attention
+
+    def replace(self, **changes) -> "CompressionConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["relevance"] = None if self.relevance is None else type(self.relevance).__name__
+        return d
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "CompressionConfig":
+        """A named starting point: ``none``, ``light``, ``balanced``, ``aggressive``, ``long-video``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+
+
+PRESETS: dict[str, CompressionConfig] = {
+    "none": CompressionConfig(),
+    # ~50 % of visual tokens: ToMe's regime, near-lossless on images.
+    "light": CompressionConfig(keep_ratio=0.5),
+    # ~25 %: PPLLaVA-style pooling, the usual sweet spot for video QA.
+    "balanced": CompressionConfig(keep_ratio=0.25, temporal_threshold=0.9),
+    # ~10 %: FastVID/VisionZip territory (98–99 % accuracy reported at this rate on 7B models).
+    "aggressive": CompressionConfig(keep_ratio=0.1, temporal_threshold=0.8),
+    # For hour-long video: merge static frames, pool hard, and compress positions so the sequence
+    # stays inside the LLM's trained range.
+    "long-video": CompressionConfig(keep_ratio=0.1, temporal_threshold=0.8, v2pe_delta=0.25),
+}
