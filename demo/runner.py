@@ -1,0 +1,81 @@
+"""Load a VLM, ask it about a video, with or without compression. Shared by the CLI, the captioning
+command and the Gradio app, so that all three run exactly the same path."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import vlmcompress as vc
+
+TINY_PREFIX = "tiny-random:"
+
+
+@dataclass
+class Answer:
+    text: str
+    report: object              # vlmcompress CompressionReport of the call (None when unpatched)
+    seconds: float
+    new_tokens: int
+
+
+def load(name: str, *, dtype: str = "auto", device: str | None = None):
+    """``(model, processor)`` from a hub id, a local folder, or ``tiny-random:<family>``.
+
+    ``tiny-random:`` models are built offline with random weights: their answers are gibberish, but the
+    whole pipeline (frames, processor, compression, generate) is real.
+    """
+    if name.startswith(TINY_PREFIX):
+        from vlmcompress.testing.tiny_models import FAMILIES, tiny_model_and_processor
+
+        family = name[len(TINY_PREFIX):]
+        if family not in FAMILIES:
+            raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+        model, processor = tiny_model_and_processor(family)
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(name)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    if getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def video_inputs(processor, frames: np.ndarray, question: str, *, fps: float):
+    """Processor inputs for one user turn holding a video (uint8 ``[T, H, W, 3]``) and a question."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    t = frames.shape[0]
+    chat = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": question}]}]
+    meta = {"total_num_frames": t, "fps": float(fps), "duration": t / fps, "frames_indices": list(range(t))}
+    return processor.apply_chat_template(
+        [chat], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        processor_kwargs={"padding": True, "video_metadata": [meta]},
+    )
+
+
+@torch.no_grad()
+def ask(model, processor, frames: np.ndarray, question: str, *, fps: float,
+        config: vc.CompressionConfig | None, max_new_tokens: int = 64) -> Answer:
+    """Generate an answer; with ``config`` the model is patched for this call only."""
+    inputs = video_inputs(processor, frames, question, fps=fps).to(model.device)
+    start = time.perf_counter()
+    if config is None:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        report = None
+    else:
+        with vc.compressed(model, config, processor=processor):
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            report = model.vlmcompress.report
+    seconds = time.perf_counter() - start
+    # A patched generate() returns the *shrunk* prompt followed by the new tokens.
+    prompt_len = inputs["input_ids"].shape[1] if report is None else max(report.prefill_after)
+    new = out[0, prompt_len:]
+    text = processor.batch_decode(new[None], skip_special_tokens=True)[0].strip()
+    return Answer(text, report, seconds, int(new.numel()))
