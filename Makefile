@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vlmcompress.demo $(ARGS)
+	$(PY) -P -m vlmcompress.demo $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 $(ARGS)
+	$(PY) -P -m pytest -q -n 2 $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ops.py
