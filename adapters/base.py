@@ -28,6 +28,10 @@ class EncodedItems:
         keep_tail: optional per-item count of trailing feature rows that must reach the LLM unchanged
             (LLaVA-OneVision's one ``image_newline`` token after each video). They are left out of
             compression, and ``grids[i]`` then describes the first ``N_i - keep_tail[i]`` rows.
+        extras: optional, per item, further per-token tensors ``[N_i, C_k]`` that must be compressed
+            with exactly the weights of ``features`` (Qwen3-VL's DeepStack features). Similarity and
+            relevance look at ``features`` only; the compressed extras reach ``encoder_output(...,
+            extras=)`` as one list of ``[M_i, C_k]`` tensors per item.
     """
 
     features: list[torch.Tensor]
@@ -35,6 +39,7 @@ class EncodedItems:
     placeholders: list[int]
     states: list[TokenState | None] | None = None
     keep_tail: list[int] | None = None
+    extras: list[list[torch.Tensor]] | None = None
 
 
 class FamilyAdapter:
@@ -87,7 +92,10 @@ class FamilyAdapter:
 
     def encoder_output(self, modality: str, features: list[torch.Tensor], kwargs: dict):
         """Wrap the compressed ``[M_i, C]`` features of ``modality`` the way the model's ``forward`` reads
-        ``mm_encoder_outputs[modality]``. The default is a list of per-item tensors in ``pooler_output``."""
+        ``mm_encoder_outputs[modality]``. The default is a list of per-item tensors in ``pooler_output``.
+
+        Adapters whose ``encode`` returns ``EncodedItems.extras`` also receive ``extras=`` (per item, the
+        compressed extras); the pipeline passes that keyword only then."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return BaseModelOutputWithPooling(pooler_output=features)

@@ -66,10 +66,11 @@ class _Item:
     modality: str
     row: int
     slots: torch.Tensor            # [N0] placeholder indices in the row
-    state: TokenState              # batch of one; pos holds absolute original positions (D cols, padded to 3)
+    state: TokenState              # batch of one; pos: new-layout positions (_position_map; D cols, padded to 3)
     grid: tuple | None
     anchors: torch.Tensor | None = None   # [M] increasing indices into slots
     tail: int = 0                         # trailing tokens kept out of compression (EncodedItems.keep_tail)
+    extra_widths: tuple[int, ...] = ()    # channels of EncodedItems.extras appended to state.x
 
 
 def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: dict, *,
@@ -88,6 +89,10 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
         mask = torch.ones_like(ids)
     positions = adapter.original_positions(kwargs)            # [D, B, L] float64
     dims = positions.shape[0]
+    visual = torch.zeros_like(mask, dtype=torch.bool)
+    for modality in adapter.modalities(kwargs):
+        visual |= ids == adapter.token_id(modality)
+    mapped, offset = _position_map(positions, mask.bool(), visual & mask.bool(), config.v2pe_delta)
 
     items: list[_Item] = []
     encoded: dict[str, list[_Item]] = {}
@@ -110,18 +115,22 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
             row = int(r[0])
             orig = positions[:, row, c].T                      # [N0, D]
             state = _initial_state(adapter, enc, i, orig)
+            state = _to_new_layout(state, offset[row, c], dims, config.v2pe_delta)
             tail = int(enc.keep_tail[i]) if enc.keep_tail is not None else 0
             if tail and enc.states is not None and enc.states[i] is not None:
                 raise ValueError(f"{modality} {i}: keep_tail together with a merging vision tower is not supported")
-            item = _Item(modality, row, c, state, enc.grids[i], tail=tail)
+            state, widths = _append_extras(state, enc, i, modality)
+            item = _Item(modality, row, c, state, enc.grids[i], tail=tail, extra_widths=widths)
             encoded[modality].append(item)
             items.append(item)
 
     report = CompressionReport()
     for item in items:
         before = item.state.num_tokens
+        width = item.state.x.shape[-1] - sum(item.extra_widths)
         item.state = _compress_keeping_tail(item.state, item.tail, item.grid, config,
-                                            _question_for(question, item.row))
+                                            _question_for(question, item.row),
+                                            width if item.extra_widths else None)
         item.state = _order_by_first_source(item.state)
         item.anchors = _anchors(item.state)
         report.items.append(ItemReport(item.modality, item.row, item.slots.numel(), before, item.state.num_tokens))
@@ -136,7 +145,7 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
     report.prefill_after = keep.sum(1).tolist()
 
     moved = any(i.state.num_tokens != i.slots.numel() for i in items) or config.v2pe_delta != 1.0
-    new_pos = _new_positions(positions, mask.bool(), items, config.v2pe_delta) if moved else None
+    new_pos = _new_positions(mapped, items) if moved else None
 
     # Keep the caller's padding side; generation needs left padding, so that is the default.
     left = not (bool((mask[:, -1] == 0).any()) and bool(mask[:, 0].all()))
@@ -154,36 +163,47 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
     for modality, its in encoded.items():
         for key in adapter.pixel_keys.get(modality, ()):
             kwargs.pop(key, None)
-        feats = [i.state.x[0] for i in its]
+        parts = [i.state.x[0].split([i.state.x.shape[-1] - sum(i.extra_widths), *i.extra_widths], -1) for i in its]
+        feats = [p[0] for p in parts]
         kwargs.setdefault("mm_encoder_outputs", {})
         kwargs["mm_encoder_outputs"] = dict(kwargs["mm_encoder_outputs"] or {})
-        kwargs["mm_encoder_outputs"][modality] = adapter.encoder_output(modality, feats, kwargs)
+        if any(i.extra_widths for i in its):
+            kwargs["mm_encoder_outputs"][modality] = adapter.encoder_output(
+                modality, feats, kwargs, extras=[list(p[1:]) for p in parts])
+        else:
+            kwargs["mm_encoder_outputs"][modality] = adapter.encoder_output(modality, feats, kwargs)
     kwargs.update(out)
     return kwargs, report
 
 
-def compress_item(state: TokenState, grid, config: CompressionConfig, *, question: str | None = None) -> TokenState:
+def compress_item(state: TokenState, grid, config: CompressionConfig, *, question: str | None = None,
+                  metric_channels: int | None = None) -> TokenState:
     """Stage B for one item (``state`` holds a batch of one): pooling/merging to the budget, then
-    temporal merging across frames."""
+    temporal merging across frames. With ``metric_channels``, similarity and relevance look only at the
+    first ``metric_channels`` feature channels; the rest (``EncodedItems.extras``) ride along with the
+    same weights."""
     from vlmcompress import merge as merge_ops
     from vlmcompress import pool as pool_ops
 
     n0 = state.num_tokens
     target = n0
     if config.keep_ratio < 1.0:
-        target = min(target, max(1, math.ceil(config.keep_ratio * n0)))
+        # The ratio is of the tokens the LLM would read unpatched: sizes sum to that count even after
+        # a merging vision tower (stage A), so keep_ratio means the same with or without it.
+        original = int(round(float(state.size.sum())))
+        target = min(target, max(1, math.ceil(config.keep_ratio * original)))
     if config.token_budget is not None:
         target = min(target, config.token_budget)
 
     if target < n0 and grid is not None and config.budget_method == "pool":
         out_grid = pool_ops.grid_for_budget(grid, target)
-        relevance = _relevance(config, question, state, grid)
+        relevance = _relevance(config, question, _metric(state, metric_channels), grid)
         state = pool_ops.prompt_guided_pool(state, grid, out_grid, relevance, tau=config.pool_tau)
         grid = out_grid
     elif target < n0:
         while state.num_tokens > target:
             r = state.num_tokens - target
-            plan = merge_ops.bipartite_soft_matching(state.x, r)
+            plan = merge_ops.bipartite_soft_matching(_metric(state, metric_channels), r)
             if plan.num_out == state.num_tokens:
                 break
             state = plan.merge(state)
@@ -192,23 +212,25 @@ def compress_item(state: TokenState, grid, config: CompressionConfig, *, questio
     if frames > 1 and (config.temporal_threshold is not None or config.temporal_keep < 1.0):
         per_frame = state.num_tokens // frames
         if config.temporal_threshold is not None:
-            plan = merge_ops.temporal_matching(state.x, frames, threshold=config.temporal_threshold)
+            plan = merge_ops.temporal_matching(_metric(state, metric_channels), frames,
+                                               threshold=config.temporal_threshold)
         else:
-            plan = merge_ops.temporal_matching(state.x, frames, budget=per_frame - max(1, math.ceil(config.temporal_keep * per_frame)))
+            plan = merge_ops.temporal_matching(_metric(state, metric_channels), frames, budget=per_frame - max(1, math.ceil(config.temporal_keep * per_frame)))
         state = plan.merge(state)
     return state
 
 
-def _compress_keeping_tail(state: TokenState, tail: int, grid, config: CompressionConfig, question) -> TokenState:
+def _compress_keeping_tail(state: TokenState, tail: int, grid, config: CompressionConfig, question,
+                           metric_channels: int | None = None) -> TokenState:
     """``compress_item`` on all but the last ``tail`` tokens, which are appended unchanged."""
     if not tail:
-        return compress_item(state, grid, config, question=question)
+        return compress_item(state, grid, config, question=question, metric_channels=metric_channels)
     n = state.num_tokens
     if not 0 < tail < n:
         raise ValueError(f"keep_tail must be in [0, {n}) for an item of {n} tokens, got {tail}")
     head = TokenState(state.x[:, :n - tail], state.size[:, :n - tail], state.pos[:, :n - tail],
                       torch.arange(n - tail, device=state.x.device).unsqueeze(0))
-    head = compress_item(head, grid, config, question=question)
+    head = compress_item(head, grid, config, question=question, metric_channels=metric_channels)
     m = head.num_tokens
     # Fresh states from _initial_state have source = arange(n); compose with the head's map.
     source = torch.cat([head.source, torch.arange(m, m + tail, device=state.x.device).unsqueeze(0)], 1)
@@ -237,14 +259,35 @@ def _order_by_first_source(state: TokenState) -> TokenState:
     return TokenState(state.x[:, order], state.size[:, order], state.pos[:, order], rank[state.source])
 
 
-def _relevance(config, question, state, grid):
+def _metric(state: TokenState, channels: int | None) -> torch.Tensor:
+    """The features that similarity and relevance see: all channels, or the first ``channels``."""
+    return state.x if channels is None else state.x[..., :channels]
+
+
+def _append_extras(state: TokenState, enc, i: int, modality: str) -> tuple[TokenState, tuple[int, ...]]:
+    """Append item ``i``'s ``EncodedItems.extras`` to ``state.x`` as further channels, so every operator
+    compresses them with the weights of the features (operators are linear in ``x``)."""
+    extras = enc.extras[i] if enc.extras is not None else None
+    if not extras:
+        return state, ()
+    if enc.states is not None and enc.states[i] is not None:
+        raise ValueError(f"{modality} {i}: extras together with a merging vision tower are not supported")
+    n = state.num_tokens
+    for k, e in enumerate(extras):
+        if e.ndim != 2 or e.shape[0] != n:
+            raise ValueError(f"{modality} {i}: extras[{k}] must be [N={n}, C_k], got {tuple(e.shape)}")
+    x = torch.cat([state.x, *(e.to(state.x.device, state.x.dtype).unsqueeze(0) for e in extras)], -1)
+    return state.replace(x=x), tuple(int(e.shape[1]) for e in extras)
+
+
+def _relevance(config, question, features, grid):
     scorer = config.relevance
     if scorer is None:
         return None
     if question is None:
         raise ValueError("config.relevance is set but no question is known: pass question=... to generate(), "
                          "or patch(model, config, processor=processor) so the prompt can be read")
-    return scorer.score_features(question, state.x, grid)
+    return scorer.score_features(question, features, grid)
 
 
 def _question_for(question, row):
@@ -282,43 +325,74 @@ def _anchors(state: TokenState) -> torch.Tensor:
     return anchors
 
 
-def _new_positions(positions: torch.Tensor, real: torch.Tensor, items: list[_Item], delta: float) -> torch.Tensor:
-    """New absolute positions ``[D, B, L]`` (valid where ``keep``), V2PE rule per placeholder run.
+def _position_map(positions: torch.Tensor, real: torch.Tensor, visual: torch.Tensor,
+                  delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every token of the uncompressed sequence goes in the new layout, V2PE rule per placeholder run.
 
-    A run that follows a token at original position ``p0`` (new ``p0'``) places a compressed token
-    whose sources' centroid is ``c`` at ``p0' + δ(c - p0)``; the text after the run, originally at
-    ``P``, goes to ``ceil(p0' + δ(P - 1 - p0)) + 1``. With δ = 1 and nothing merged this is the identity.
+    A run that follows a token at original position ``p0`` (new ``p0'``) maps a placeholder at original
+    position ``c`` to ``p0' + δ(c - p0) = a + δc`` (``a = p0' - δp0``, the run's offset); the text after
+    the run, originally at ``P``, goes to ``ceil(p0' + δ(P - 1 - p0)) + 1`` and later text shifts with it.
+    The map does not depend on how many tokens compression keeps, so a compressed token is placed at the
+    centroid of its sources' *mapped* positions: ``δ·centroid + mean offset``. For an item inside one run
+    that is the run's affine map of the centroid; for an item spread over several runs (a Qwen3-VL video,
+    one run per frame group) each source keeps its own run's offset. With δ = 1 and nothing merged this is
+    the identity.
+
+    Returns ``(mapped [D, B, L], offset [B, L])`` (offset 0 outside placeholder runs).
     """
     dims, batch, length = positions.shape
-    new = positions.clone()
-    owner = {}
-    for item in items:
-        cent = item.state.pos[0, :, :dims].to(torch.float64)
-        for m, slot in enumerate(item.anchors.tolist()):
-            owner[(item.row, int(item.slots[slot]))] = cent[m]
-        for slot in item.slots.tolist():
-            owner.setdefault((item.row, slot), None)
+    mapped = positions.clone()
+    offset = torch.zeros(batch, length, dtype=positions.dtype, device=positions.device)
     for b in range(batch):
+        flags = visual[b].tolist()
         shift = 0.0
         i = 0
         while i < length:
-            if (b, i) not in owner:
-                new[:, b, i] = positions[:, b, i] + shift
-                i += 1
-                continue
             j = i
-            while j < length and (b, j) in owner:
+            while j < length and flags[j] == flags[i]:
                 j += 1
-            p0 = positions[:, b, i].min() - 1
+            if not flags[i]:
+                mapped[:, b, i:j] = positions[:, b, i:j] + shift
+                i = j
+                continue
+            p0 = float(positions[:, b, i].min()) - 1
             p0_new = p0 + shift
-            for k in range(i, j):
-                c = owner[(b, k)]
-                if c is not None:
-                    new[:, b, k] = p0_new + delta * (c - p0)
-            after = positions[:, b, j].min() if j < length and real[b, j] else positions[:, b, i:j].max() + 1
-            after_new = math.ceil(float(p0_new + delta * (after - 1 - p0))) + 1
-            shift = after_new - float(after)
+            a = p0_new - delta * p0
+            mapped[:, b, i:j] = a + delta * positions[:, b, i:j]
+            offset[b, i:j] = a
+            after = float(positions[:, b, j].min()) if j < length and real[b, j] else float(positions[:, b, i:j].max()) + 1
+            after_new = math.ceil(p0_new + delta * (after - 1 - p0)) + 1
+            shift = after_new - after
             i = j
+    return mapped, offset
+
+
+def _to_new_layout(state: TokenState, offset: torch.Tensor, dims: int, delta: float) -> TokenState:
+    """Move a fresh item state from original to new-layout positions: ``δ·pos + offset`` per token, the
+    offset averaged over each token's sources when a merging tower already combined placeholders."""
+    n0 = offset.numel()
+    off = offset.to(state.pos)
+    if state.num_tokens != n0:
+        if state.source is not None and state.source.shape[1] == n0:
+            src = state.source[0].to(off.device)
+            total = torch.zeros(state.num_tokens, dtype=off.dtype, device=off.device).index_add_(0, src, off)
+            count = torch.zeros_like(total).index_add_(0, src, torch.ones_like(off))
+            off = total / count.clamp(min=1)
+        else:
+            off = off[:1].expand(state.num_tokens)
+    pos = state.pos.clone()
+    pos[0, :, :dims] = delta * pos[0, :, :dims] + off.unsqueeze(-1)
+    return state.replace(pos=pos)
+
+
+def _new_positions(mapped: torch.Tensor, items: list[_Item]) -> torch.Tensor:
+    """New absolute positions ``[D, B, L]`` (valid where ``keep``): the mapped text positions, and at
+    each kept placeholder slot the position of the compressed token anchored there (already mapped)."""
+    dims = mapped.shape[0]
+    new = mapped.clone()
+    for item in items:
+        slots = item.slots[item.anchors].to(new.device)
+        new[:, item.row, slots] = item.state.pos[0, :, :dims].T.to(new)
     return new
 
 

@@ -1,0 +1,161 @@
+"""InternVL 3.x in Hugging Face format (``internvl``): InternViT, pixel shuffle, MLP projector, Qwen2/Llama LLM.
+
+What the processor writes (transformers 5.x):
+
+- An image is cut into tiles (``crop_to_patches``; a thumbnail tile is added when there are several)
+  and written as ``<img>`` + ``image_seq_length · tiles`` × ``<IMG_CONTEXT>`` + ``</img>``. Every tile
+  gives ``s×s`` tokens (the ViT's patch grid after the 2×2 pixel shuffle, rows in raster order), so the
+  features of a block are ``tiles`` separate ``s×s`` grids.
+- A video of ``T`` frames is written as the lines ``Frame{i}: <img>`` + ``s²`` × ``<IMG_CONTEXT>`` +
+  ``</img>`` and its frames are merged into ``pixel_values``: the model sees every frame as a one-tile
+  **image** (``image_token_id``, ``get_image_features``); there is no video token in the model.
+- ``forward`` reads ``mm_encoder_outputs["image"].pooler_output`` as one tensor and scatters its rows,
+  flattened, into the ``<IMG_CONTEXT>`` slots.
+
+How the items reach the pipeline:
+
+- a one-tile image: grid ``(1, s, s)``: pooling applies;
+- a multi-tile image: ``grid=None``, merged to the budget by bipartite matching (pooling the tiles as if
+  they were frames would average different parts of the picture, and the thumbnail with them);
+- a video: when the processor is known (``patch(model, config, processor=processor)``), consecutive
+  one-tile blocks of a row that are separated exactly by the processor's ``</img>\\nFrame{i}: <img>``
+  text form one item with grid ``(T, s, s)``, so temporal merging works across frames (a compressed
+  token goes to the block of its first source frame, each frame keeps its own ``<img>`` block). Without
+  the processor the adapter cannot tell frames from separate images and every frame is compressed on
+  its own, as a one-tile image (pooling applies, temporal merging does not).
+
+The compressed features are handed over as one ``[ΣM, 1, C]`` tensor (one row per token), which
+``forward`` flattens as it does its own output and which ``generate()`` can split per sample when it
+repeats rows for ``num_beams`` / ``num_return_sequences``. Positions are the LLM's own 1-D positions.
+Reports list video frames under the modality ``"image"``, as the model does.
+
+Stage A (merging inside the ViT) is not offered: see ``VISION_MERGE_NOTE``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import EncodedItems, FamilyAdapter
+from .registry import register
+
+VISION_MERGE_NOTE = (
+    "InternVL's vision tower is not merged internally (stage A): after the ViT, the model reshapes each "
+    "tile's patch tokens into a square grid and pixel-shuffles every 2×2 block of neighbouring patches "
+    "into one token by concatenating their channels, so merged (fewer, averaged) patches leave no grid to "
+    "shuffle, and unmerging them back before the shuffle would save only ViT compute, not a single LLM "
+    "token. Compress after the projector instead (keep_ratio, token_budget, temporal merging)."
+)
+
+
+@register
+class InternVLAdapter(FamilyAdapter):
+    model_types = ("internvl",)
+    pixel_keys = {"image": ("pixel_values",)}
+    trigger_keys = {"image": "pixel_values"}
+    supports_vision_merge = False
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self._markers: dict[int, list[int]] = {}     # frame number -> ids between frames (for _marker_owner)
+        self._marker_owner = None
+
+    def encode(self, modality: str, kwargs: dict) -> EncodedItems:
+        if modality != "image":
+            raise ValueError(f"{type(self.model).__name__} takes images (video frames arrive as images), "
+                             f"got {modality!r} inputs")
+        out = self.base.get_image_features(
+            pixel_values=kwargs["pixel_values"],
+            vision_feature_layer=kwargs.get("vision_feature_layer"),
+            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+            return_dict=True,
+        )
+        tiles = out.pooler_output                                    # [tiles, s², C]
+        per_tile = tiles.shape[1]
+        flat = tiles.reshape(-1, tiles.shape[-1])
+        blocks = self._blocks(kwargs)
+        if sum(n for _, _, n in blocks) != flat.shape[0]:
+            raise ValueError(f"input_ids hold {sum(n for _, _, n in blocks)} image tokens (id "
+                             f"{self.token_id('image')}) but pixel_values give {flat.shape[0]} features "
+                             f"({tiles.shape[0]} tiles × {per_tile}): pass the processor outputs unchanged")
+        side = math.isqrt(per_tile)
+        square = side * side == per_tile
+        items = self._group_frames(kwargs["input_ids"], blocks, per_tile)
+        feats, grids, counts = [], [], []
+        start = 0
+        for group in items:
+            n = sum(blocks[k][2] for k in group)
+            feats.append(flat[start:start + n])
+            start += n
+            counts.append(n)
+            # Frames (and one-tile images) are s×s grids; several tiles of one image are not one grid.
+            one_tile = all(blocks[k][2] == per_tile for k in group)
+            grids.append((len(group), side, side) if square and one_tile else None)
+        return EncodedItems(feats, grids, counts)
+
+    def encoder_output(self, modality: str, features: list[torch.Tensor], kwargs: dict):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        # One row per token: `forward` flattens it, and generate()'s expansion for beams/returned sequences
+        # finds every sample's boundary in the running token count (it splits pooler_output by rows).
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(features).unsqueeze(1))
+
+    # --- placeholder layout ----------------------------------------------------------------------
+    def _blocks(self, kwargs: dict) -> list[tuple[int, int, int]]:
+        """``(row, first column, length)`` of every run of ``<IMG_CONTEXT>`` among the real tokens, in
+        placeholder order (the order of the tiles in ``pixel_values``)."""
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        hits = ids == self.token_id("image")
+        if mask is not None:
+            hits &= mask.bool()
+        edge = torch.zeros(ids.shape[0], 1, dtype=torch.int8, device=ids.device)
+        step = torch.diff(hits.to(torch.int8), prepend=edge, append=edge)   # +1 where a run starts, -1 after it
+        out = []
+        for row in range(ids.shape[0]):
+            starts = torch.nonzero(step[row] == 1)[:, 0].tolist()
+            ends = torch.nonzero(step[row] == -1)[:, 0].tolist()
+            out += [(row, s, e - s) for s, e in zip(starts, ends)]
+        return out
+
+    def _group_frames(self, ids: torch.Tensor, blocks, per_tile: int) -> list[list[int]]:
+        """Indices of ``blocks`` per item: the frames of one video together (see the module notes),
+        every other block alone."""
+        processor = self._processor()
+        groups: list[list[int]] = []
+        for k, (row, col, n) in enumerate(blocks):
+            if groups and processor is not None and n == per_tile:
+                prev = blocks[groups[-1][-1]]
+                if prev[0] == row and prev[2] == per_tile:
+                    gap = ids[row, prev[1] + prev[2]:col].tolist()
+                    if gap == self._marker(processor, len(groups[-1]) + 1):
+                        groups[-1].append(k)
+                        continue
+            groups.append([k])
+        return groups
+
+    def _processor(self):
+        """The processor given to ``patch(..., processor=)`` when it can write InternVL's frame text."""
+        handle = self.model.__dict__.get("vlmcompress")
+        processor = getattr(handle, "processor", None)
+        if processor is None:
+            return None
+        tok = getattr(processor, "tokenizer", processor)
+        for name in ("start_image_token", "end_image_token"):
+            if getattr(processor, name, None) is None and getattr(tok, name, None) is None:
+                return None
+        return processor
+
+    def _marker(self, processor, frame: int) -> list[int]:
+        """Token ids between two frames of a video as InternVLProcessor writes them:
+        ``</img>\\nFrame{frame}: <img>`` (special tokens split the text, so the piece between is tokenized
+        on its own, as here)."""
+        if processor is not self._marker_owner:
+            self._markers, self._marker_owner = {}, processor
+        if frame not in self._markers:
+            tok = getattr(processor, "tokenizer", processor)
+            start = getattr(processor, "start_image_token", None) or tok.start_image_token
+            end = getattr(processor, "end_image_token", None) or tok.end_image_token
+            self._markers[frame] = tok(f"{end}\nFrame{frame}: {start}", add_special_tokens=False)["input_ids"]
+        return self._markers[frame]

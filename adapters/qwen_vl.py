@@ -1,0 +1,138 @@
+"""Qwen2-VL (``qwen2_vl``), Qwen2.5-VL (``qwen2_5_vl``) and Qwen3-VL (``qwen3_vl``, ``qwen3_vl_moe``).
+
+What the three share (transformers 5.x):
+
+- Vision tower + 2×2 patch merger; ``get_image_features`` / ``get_video_features`` return one
+  ``[T·H'·W', C]`` tensor per image/video (``H' = H / merge``), rows in raster ``(t, h', w')`` order:
+  the processor lays the patches out merge-window by merge-window and the model's own
+  ``get_rope_index`` gives placeholder ``k`` of an item the (t, h', w') of raster index ``k``.
+- M-RoPE: 3-D positions from ``model.model.get_rope_index(input_ids, mm_token_type_ids, grids...,
+  attention_mask)``; ``forward`` also accepts ``position_ids`` of shape ``[4, B, L]`` (row 0 the text
+  positions the causal mask is built from, rows 1–3 t/h/w). ``generate()`` continues a given
+  ``position_ids`` by ``last + 1`` per step, and manual decoding uses ``model.model.rope_deltas``; we set
+  both, so KV-cache decoding continues after the shorter prefill.
+- ``mm_token_type_ids`` (0 text, 1 image, 2 video) shrinks with ``input_ids``.
+
+Where they differ:
+
+- Qwen2.5-VL spaces video frames in t by ``tokens_per_second · second_per_grid_ts`` (kept as given: the
+  positions come from the model's own ``get_rope_index``).
+- Qwen3-VL writes every temporal patch group of a video as its own ``<t seconds><|vision_start|>`` …
+  ``<|vision_end|>`` run, so one video's placeholders span several runs; and its tower returns
+  DeepStack features (per token, added to the LLM hidden states after the first layers), which are
+  compressed with exactly the weights of the main features (``EncodedItems.extras``).
+
+Stage A (merging inside the vision tower) is not offered for these families: see ``VISION_MERGE_NOTE``.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .base import EncodedItems, FamilyAdapter
+from .registry import register
+
+VISION_MERGE_NOTE = (
+    "Qwen-VL vision towers are not merged internally (stage A): they run all images of a batch as one "
+    "packed sequence split by cu_seqlens (Qwen2.5-VL adds window attention over a window-ordered "
+    "permutation), apply 2-D rotary positions per patch, and end in a merger that concatenates each 2×2 "
+    "block of neighbouring patches, so dropping or averaging patches inside the tower breaks the windows, "
+    "the rotary grid and the 2×2 blocks the merger expects. Compress after the merger instead "
+    "(keep_ratio, token_budget, temporal merging), which is lossless to wire and just as effective for the LLM."
+)
+
+# Inputs of get_rope_index that travel in the processor outputs.
+_ROPE_KEYS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+
+
+@register
+class QwenVLAdapter(FamilyAdapter):
+    """Qwen2-VL and Qwen2.5-VL. The grids and ``second_per_grid_ts`` stay in the kwargs (only the pixels
+    are consumed): the model needs them to compute its own positions when nothing is compressed."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    pixel_keys = {"image": ("pixel_values",), "video": ("pixel_values_videos",)}
+    trigger_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
+    token_keys = ("token_type_ids", "mm_token_type_ids")
+    supports_vision_merge = False
+
+    _grid_key = {"image": "image_grid_thw", "video": "video_grid_thw"}
+
+    # --- encoding ----------------------------------------------------------------------------
+    def _features(self, modality: str, kwargs: dict):
+        pixels = kwargs[self.trigger_keys[modality]]
+        grid_thw = kwargs.get(self._grid_key[modality])
+        if grid_thw is None:
+            raise ValueError(f"{type(self.model).__name__} needs {self._grid_key[modality]} next to "
+                             f"{self.trigger_keys[modality]}: pass the processor outputs unchanged")
+        fn = self.base.get_image_features if modality == "image" else self.base.get_video_features
+        return fn(pixels, grid_thw, return_dict=True), grid_thw
+
+    def encode(self, modality: str, kwargs: dict) -> EncodedItems:
+        out, grid_thw = self._features(modality, kwargs)
+        feats, grids = self._checked(modality, out, grid_thw)
+        return EncodedItems(feats, grids, [f.shape[0] for f in feats])
+
+    def _checked(self, modality: str, out, grid_thw):
+        feats = list(out.pooler_output)
+        grids = self.token_grids(grid_thw)
+        for f, g in zip(feats, grids):
+            if f.shape[0] != g[0] * g[1] * g[2]:
+                raise RuntimeError(f"{modality} features have {f.shape[0]} rows for the token grid {g}; "
+                                   "this transformers version lays Qwen-VL features out differently")
+        return feats, grids
+
+    def token_grids(self, grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
+        """LLM-token grid ``(T, H/merge, W/merge)`` of every row of ``image_grid_thw`` / ``video_grid_thw``."""
+        m = int(self.model.config.vision_config.spatial_merge_size)
+        return [(int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
+
+    # --- positions ---------------------------------------------------------------------------
+    def original_positions(self, kwargs: dict) -> torch.Tensor:
+        """``[3, B, L]`` float64 M-RoPE positions from the installed ``get_rope_index``."""
+        if kwargs.get("mm_token_type_ids") is None:
+            raise ValueError(f"{type(self.model).__name__} needs mm_token_type_ids (returned by the processor "
+                             "next to input_ids) to compute its 3-D positions; pass the processor outputs unchanged")
+        fn = self.base.get_rope_index
+        accepted = inspect.signature(fn).parameters
+        args = {k: kwargs[k] for k in _ROPE_KEYS if k in accepted and kwargs.get(k) is not None}
+        positions, _ = fn(kwargs["input_ids"], **args)
+        return positions.to(torch.float64)
+
+    def position_kwargs(self, positions: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """``position_ids [4, B, L']``: row 0 the text positions of the shorter sequence (what ``generate``
+        would build from the mask), rows 1–3 the new t/h/w. Also sets ``model.model.rope_deltas``
+        (``max position + 1 - real tokens`` per row, as ``get_rope_index`` defines it) for manual decoding."""
+        real = attention_mask.bool()
+        text = (attention_mask.long().cumsum(-1) - 1).masked_fill(~real, 0).to(torch.float64)
+        top = positions.masked_fill(~real.unsqueeze(0), float("-inf")).amax(dim=(0, 2))
+        deltas = (top + 1 - real.sum(-1)).unsqueeze(1)
+        if bool((deltas == deltas.round()).all()):
+            deltas = deltas.long()
+        else:
+            deltas = deltas.to(torch.float32)
+        self.base.rope_deltas = deltas
+        return {"position_ids": torch.cat([text.unsqueeze(0), positions]).to(torch.float32)}
+
+
+@register
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: as Qwen2-VL, plus DeepStack features that are compressed alongside."""
+
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+
+    def encode(self, modality: str, kwargs: dict) -> EncodedItems:
+        out, grid_thw = self._features(modality, kwargs)
+        feats, grids = self._checked(modality, out, grid_thw)
+        layers = out.deepstack_features or []
+        # deepstack_features: one entry per DeepStack layer, each a tuple of per-item [N_i, C] tensors.
+        extras = [[layer[i] for layer in layers] for i in range(len(feats))] if layers else None
+        return EncodedItems(feats, grids, [f.shape[0] for f in feats], extras=extras)
+
+    def encoder_output(self, modality: str, features: list[torch.Tensor], kwargs: dict, extras=None):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        layers = len(extras[0]) if extras else 0
+        deepstack = [tuple(item[k] for item in extras) for k in range(layers)]
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=tuple(features), deepstack_features=deepstack)

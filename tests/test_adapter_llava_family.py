@@ -1,0 +1,428 @@
+"""Adapters of the LLaVA family: LLaVA 1.5, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision.
+
+Tiny random models (``vlmcompress.testing.tiny_models``); every check compares the patched model with
+the unpatched one, either fed the same processor outputs (identity) or fed by hand with
+``inputs_embeds`` and ``position_ids`` built here from the rules in DESIGN.md §3.2/§3.3.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmcompress.adapters import compressed, patch, unpatch
+from vlmcompress.config import CompressionConfig
+from vlmcompress.merge import bipartite_soft_matching, temporal_tokens_after
+from vlmcompress.pool import grid_for_budget
+from vlmcompress.state import TokenState
+from vlmcompress.testing.tiny_models import tiny_model, tiny_processor
+
+FRAMES = 4
+# (family, kind): every modality each family supports in transformers.
+CASES = [
+    ("llava", "image"),
+    ("llava_next", "image"),
+    ("llava_next_video", "image"),
+    ("llava_next_video", "video"),
+    ("llava_onevision", "image"),
+    ("llava_onevision", "video"),
+    # One sample with one any-res image, one with two images (OneVision writes each as a base tile +
+    # one newline token): two runs in one row, a grid with a kept tail.
+    ("llava_onevision", "images"),
+]
+IDS = [f"{f}-{k}" for f, k in CASES]
+FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision"]
+
+
+# --- fixtures and helpers ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _model(family: str, attn: str = "sdpa"):
+    return tiny_model(family, attn_implementation=attn)
+
+
+@functools.lru_cache(maxsize=None)
+def _processor(family: str):
+    return tiny_processor(family)
+
+
+def _media(kind: str, seed: int, size=(48, 48), static: bool = False):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    if kind == "image":
+        return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    if static:
+        return np.repeat(rng.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8), FRAMES, 0)
+    return rng.integers(0, 256, (FRAMES, 48, 48, 3), dtype=np.uint8)
+
+
+def _inputs(family: str, kind: str, samples):
+    """Processor outputs for one-turn chats; ``samples`` is a list of (media, prompt). Left padding."""
+    processor = _processor(family)
+    block = "video" if kind == "video" else "image"
+    conv = []
+    for media, prompt in samples:
+        blocks = [{"type": block, block: m} for m in (media if isinstance(media, list) else [media])]
+        conv.append([{"role": "user", "content": blocks + [{"type": "text", "text": prompt}]}])
+    processor.tokenizer.padding_side = "left"
+    kwargs = {"padding": True}
+    if kind == "video":
+        kwargs["video_metadata"] = [{"total_num_frames": FRAMES, "fps": 2.0, "duration": FRAMES / 2,
+                                     "frames_indices": list(range(FRAMES))}] * len(samples)
+    return processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt", processor_kwargs=kwargs)
+
+
+# Two different samples: different media (and, for images, different sizes, hence token counts) and
+# prompts of different lengths. A static and a moving video give different temporal-merge counts.
+_PROMPTS = ["Describe this.", "What is the man on the left doing, and what color is the car?"]
+
+
+def _sample(kind: str, i: int):
+    if kind == "images":
+        return [_media("image", seed=20 + i + j, size=[(48, 48), (48, 96)][j]) for j in range(i + 1)], _PROMPTS[i]
+    media = _media(kind, seed=10 + i, size=[(48, 48), (48, 96)][i], static=(i == 0))
+    return media, _PROMPTS[i]
+
+
+def _batch(family: str, kind: str):
+    return _inputs(family, kind, [_sample(kind, 0), _sample(kind, 1)])
+
+
+def _token_id(model, kind: str) -> int:
+    return model.config.video_token_id if kind == "video" else model.config.image_token_id
+
+
+def _layout(family: str, kind: str, n: int):
+    """(grid of the compressible head, kept tail tokens) of one item of ``n`` placeholders, from what
+    each family writes (see tiny_models' notes): LLaVA 1.5 a 6×6 grid; any-res images no grid;
+    LLaVA-NeXT-Video T×3×3 pooled frames; OneVision T×3×3 frames + one newline token, and a single
+    6×6 base tile + one newline token for each image of a several-image sample."""
+    if family == "llava":
+        return (1, 6, 6), 0
+    if kind != "video":
+        return ((1, 6, 6), 1) if n == 37 else (None, 0)
+    if family == "llava_next_video":
+        return (FRAMES, 3, 3), 0
+    return (FRAMES, 3, 3), 1
+
+
+def _planned(n: int, grid, tail: int, config: CompressionConfig) -> int:
+    """Tokens one item sends to the LLM, in closed form, before running anything."""
+    head = n - tail
+    target = min(head, math.ceil(config.keep_ratio * head))
+    if grid is None:
+        return target + tail
+    out = grid_for_budget(grid, target)
+    count = math.prod(out)
+    if config.temporal_keep < 1.0 and out[0] > 1:
+        per = out[1] * out[2]
+        count = temporal_tokens_after(count, out[0], per - math.ceil(config.temporal_keep * per))
+    return count + tail
+
+
+@contextmanager
+def _llm_calls(model):
+    """Record (sequence length, position_ids) of every call into the LLM (the first is the prefill)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((kwargs["inputs_embeds"].shape[1], kwargs.get("position_ids")))
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _gen(model, inputs, **kw):
+    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, **kw}
+    with torch.no_grad():
+        return model.generate(**inputs, **kw)
+
+
+COMPRESS = {"image": CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5),
+            "images": CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5),
+            "video": CompressionConfig(keep_ratio=0.25, temporal_threshold=0.9, v2pe_delta=0.5)}
+
+
+# --- identity and unpatch ----------------------------------------------------------------------
+@pytest.mark.parametrize("family,kind", CASES, ids=IDS)
+def test_identity_config_and_unpatch_are_exact(family, kind):
+    model = _model(family)
+    inputs = _batch(family, kind)
+    before = set(model.__dict__)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    ref_tokens = _gen(model, inputs)
+
+    patch(model, CompressionConfig())
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(_gen(model, inputs), ref_tokens)
+        assert model.vlmcompress.report.visual_after == model.vlmcompress.report.visual_before
+        model.vlmcompress.config = COMPRESS[kind]           # change config on the patched model
+        with torch.no_grad():
+            assert model(**inputs).logits.shape[1] < ref.shape[1]
+    finally:
+        unpatch(model)
+
+    assert set(model.__dict__) == before
+    assert not hasattr(model, "vlmcompress")
+    assert model.forward.__func__ is type(model).forward
+    assert model.generate.__func__ is type(model).generate
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    assert torch.equal(_gen(model, inputs), ref_tokens)
+
+
+# --- compressed prefill and generation ---------------------------------------------------------
+@pytest.mark.parametrize("family,kind", CASES, ids=IDS)
+def test_prefill_length_is_planned_and_generate_works(family, kind):
+    model = _model(family)
+    inputs = _batch(family, kind)
+    mask = inputs["attention_mask"]
+    token_id = _token_id(model, kind)
+    n_visual = (inputs["input_ids"] == token_id).sum(1).tolist()
+    # temporal_keep is the closed-form variant of temporal merging.
+    config = CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5, temporal_keep=0.5 if kind == "video" else 1.0)
+    rows = [int(mask[b].sum()) - n_visual[b]
+            + sum(_planned(n, *_layout(family, kind, n), config) for _, n in _runs(inputs["input_ids"][b], token_id))
+            for b in range(2)]
+
+    with compressed(model, config):
+        with _llm_calls(model) as calls:
+            out = _gen(model, inputs)
+        report = model.vlmcompress.report
+        prefill_len, prefill_pos = calls[0]
+        assert report.prefill_after == rows
+        assert prefill_len == max(rows)
+        assert out.shape == (2, max(rows) + 4)
+        # Decoding read one token per step, continuing after the last V2PE position.
+        assert [c[0] for c in calls[1:]] == [1, 1, 1]
+        assert torch.equal(calls[1][1][:, 0], prefill_pos[:, -1] + 1)
+        assert prefill_pos.dtype == torch.float32
+        # Greedy: the first new token is the argmax of the patched forward's last logits.
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        assert logits.shape[1] == max(rows)
+        assert torch.equal(out[:, max(rows)], logits[:, -1].argmax(-1))
+        # KV cache on and off agree; sampling runs and is reproducible under a seed.
+        assert torch.equal(_gen(model, inputs, use_cache=False), out)
+        torch.manual_seed(0)
+        s1 = _gen(model, inputs, do_sample=True, top_k=50)
+        torch.manual_seed(0)
+        s2 = _gen(model, inputs, do_sample=True, top_k=50)
+        assert s1.shape == out.shape and torch.equal(s1, s2)
+
+        model.vlmcompress.config = COMPRESS[kind]           # the data-dependent temporal threshold
+        out = _gen(model, inputs)
+        report = model.vlmcompress.report
+        assert out.shape[1] == max(report.prefill_after) + 4
+        assert report.visual_after < report.visual_before
+        text = [int(mask[b].sum()) - n for b, n in enumerate(n_visual)]
+        visual = [sum(i.after_compress for i in report.items if i.row == b) for b in range(2)]
+        assert report.prefill_after == [t + v for t, v in zip(text, visual)]
+
+
+# --- equivalence to a reference built by hand --------------------------------------------------
+def _item_features(model, family, kind, inputs):
+    """The model's own (uncompressed) features per item, ``[N_i, C]``."""
+    base = model.model
+    with torch.no_grad():
+        if kind == "video":
+            return list(base.get_video_features(inputs["pixel_values_videos"]).pooler_output)
+        kw = {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs}
+        return list(base.get_image_features(inputs["pixel_values"], **kw).pooler_output)
+
+
+def _pool_by_hand(feats, grid, out_grid):
+    """avg_pool3d with PPLLaVA's windows (stride I//O, kernel I-(O-1)·stride), and each output's mean
+    raster index (its centroid offset inside the run)."""
+    ks = [i - (o - 1) * (i // o) for i, o in zip(grid, out_grid)]
+    ss = [i // o for i, o in zip(grid, out_grid)]
+    x = feats.T.reshape(1, -1, *grid).double()
+    pooled = F.avg_pool3d(x, ks, ss).reshape(feats.shape[1], -1).T.to(feats.dtype)
+    raster = torch.arange(math.prod(grid), dtype=torch.float64).reshape(1, 1, *grid)
+    return pooled, F.avg_pool3d(raster, ks, ss).flatten()
+
+
+def _merge_by_hand(feats, target):
+    """Bipartite merging to ``target`` tokens: the groups come from the library's matching, the merged
+    features (plain mean over each group's original tokens) and centroids are computed here. Tokens
+    are ordered by the first original token they hold."""
+    n = feats.shape[0]
+    state = TokenState(feats[None], torch.ones(1, n), torch.zeros(1, n, 3), torch.arange(n)[None])
+    while state.num_tokens > target:
+        state = bipartite_soft_matching(state.x, state.num_tokens - target).merge(state)
+    group = state.source[0]
+    first = torch.stack([torch.nonzero(group == g)[0, 0] for g in range(target)])
+    order = first.argsort()
+    means = torch.stack([feats[group == g].double().mean(0) for g in order.tolist()]).to(feats.dtype)
+    raster = torch.stack([torch.nonzero(group == g)[:, 0].double().mean() for g in order.tolist()])
+    return means, raster
+
+
+def _runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
+    """(start, length) of every run of ``token_id`` in a 1-D id tensor."""
+    hit = (ids == token_id).tolist() + [False]
+    runs, start = [], None
+    for i, h in enumerate(hit):
+        if h and start is None:
+            start = i
+        elif not h and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+def _reference(model, family, kind, inputs, config):
+    """``inputs_embeds``, ``attention_mask``, ``position_ids`` for the unpatched model, built by hand."""
+    token_id = _token_id(model, kind)
+    delta = config.v2pe_delta
+    embed = model.get_input_embeddings()
+    feats = iter(_item_features(model, family, kind, inputs))
+    rows = []
+    for b in range(inputs["input_ids"].shape[0]):
+        ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        embs, poss, cursor, next_pos = [], [], 0, 0
+        for start, n in _runs(ids, token_id):
+            f = next(feats)
+            assert f.shape[0] == n
+            grid, tail = _layout(family, kind, n)
+            target = math.ceil(config.keep_ratio * (n - tail))
+            if grid is None:
+                vis, raster = _merge_by_hand(f, target)
+            else:
+                vis, raster = _pool_by_hand(f[:n - tail], grid, grid_for_budget(grid, target))
+            if tail:
+                vis = torch.cat([vis, f[n - tail:]])
+                raster = torch.cat([raster, torch.arange(n - tail, n, dtype=torch.float64)])
+            text = next_pos + torch.arange(start - cursor, dtype=torch.float64)   # text: +1 per token
+            p0 = float(text[-1])                         # position of the text token before the run
+            poss += [text, p0 + delta * (raster + 1)]    # centroid of the sources' original positions
+            next_pos = math.ceil(p0 + delta * n) + 1     # V2PE: the next text token
+            with torch.no_grad():
+                embs += [embed(ids[cursor:start]), vis]
+            cursor = start + n
+        poss.append(next_pos + torch.arange(ids.numel() - cursor, dtype=torch.float64))
+        with torch.no_grad():
+            embs.append(embed(ids[cursor:]))
+        rows.append((torch.cat(embs), torch.cat(poss)))
+    length = max(e.shape[0] for e, _ in rows)
+    embeds = torch.zeros(len(rows), length, rows[0][0].shape[1])
+    position_ids = torch.zeros(len(rows), length)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, (e, p) in enumerate(rows):
+        embeds[b, length - e.shape[0]:] = e
+        position_ids[b, length - e.shape[0]:] = p.float()
+        mask[b, length - e.shape[0]:] = 1
+    return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family,kind", CASES, ids=IDS)
+def test_matches_hand_built_reference(family, kind, attn):
+    model = _model(family, attn)
+    inputs = _batch(family, kind)
+    config = CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5)
+    ref_inputs = _reference(model, family, kind, inputs, config)
+    real = ref_inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ref_logits = model(**ref_inputs).logits
+    ref_tokens = _gen(model, ref_inputs)                  # new tokens only (inputs_embeds)
+
+    with compressed(model, config):
+        with torch.no_grad(), _llm_calls(model) as calls:
+            logits = model(**inputs).logits
+        assert torch.allclose(calls[0][1][real], ref_inputs["position_ids"][real])
+        torch.testing.assert_close(logits[real], ref_logits[real], atol=2e-5, rtol=1e-5)
+        out = _gen(model, inputs)
+    assert torch.equal(out[:, -4:], ref_tokens)
+
+
+# --- batch independence ------------------------------------------------------------------------
+@pytest.mark.parametrize("family,kind", CASES, ids=IDS)
+def test_batch_of_two_equals_each_alone(family, kind):
+    model = _model(family)
+    config = COMPRESS[kind]
+    batch = _batch(family, kind)
+    with compressed(model, config):
+        with torch.no_grad():
+            logits = model(**batch).logits[:, -1]
+        out = _gen(model, batch)
+        report = model.vlmcompress.report
+        if kind == "video":        # the static and the moving video keep different counts
+            assert report.items[0].after_compress < report.items[1].after_compress
+        for i in range(2):
+            single = _inputs(family, kind, [_sample(kind, i)])
+            with torch.no_grad():
+                torch.testing.assert_close(model(**single).logits[:, -1], logits[i:i + 1], atol=1e-4, rtol=1e-4)
+            assert torch.equal(_gen(model, single)[0, -4:], out[i, -4:])
+            assert model.vlmcompress.report.items[0].after_compress == report.items[i].after_compress
+
+
+# --- save / reload -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_reload_then_patch(family, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    kind = "video" if family in ("llava_next_video", "llava_onevision") else "image"
+    model = _model(family)
+    inputs = _batch(family, kind)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True).eval()
+    with compressed(model, COMPRESS[kind]):
+        expected = _gen(model, inputs)
+    patch(loaded, COMPRESS[kind])
+    assert torch.equal(_gen(loaded, inputs), expected)
+    assert loaded.vlmcompress.report.visual_after < loaded.vlmcompress.report.visual_before
+
+
+# --- bad input ---------------------------------------------------------------------------------
+def test_unsupported_model_names_supported_families():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="model_type='llama'") as err:
+        patch(text, CompressionConfig(keep_ratio=0.5))
+    for family in FAMILIES:
+        assert family in str(err.value)
+    assert not hasattr(text, "vlmcompress")
+
+
+@pytest.mark.parametrize("bad", [{"keep_ratio": 0.5}, "balanced", 0.5], ids=["dict", "str", "float"])
+def test_wrong_config_type_raises_type_error(bad):
+    model = _model("llava_next")
+    with pytest.raises(TypeError, match="CompressionConfig"):
+        patch(model, bad)
+    assert "forward" not in model.__dict__
+    with compressed(model, CompressionConfig()):
+        with pytest.raises(TypeError, match="CompressionConfig"):
+            model.vlmcompress.config = bad
+
+
+def test_onevision_video_beam_search_and_unequal_counts():
+    """OneVision's forward reads video features as one tensor. Equal compressed counts go stacked, so
+    generate() can repeat them per row (beam search = each row alone); different counts travel
+    concatenated, which generate() cannot repeat row by row: a clear error, not features in the wrong rows."""
+    model = _model("llava_onevision")
+    inputs = _batch("llava_onevision", "video")
+    singles = [_inputs("llava_onevision", "video", [_sample("video", i)]) for i in range(2)]
+    beams = {"num_beams": 2, "num_return_sequences": 2}
+    with compressed(model, CompressionConfig(keep_ratio=0.25)):
+        out = _gen(model, inputs, **beams)
+        for i in range(2):
+            assert torch.equal(_gen(model, singles[i], **beams)[:, -4:], out[2 * i:2 * i + 2, -4:])
+    with compressed(model, COMPRESS["video"]):
+        with pytest.raises(ValueError, match="num_return_sequences"):
+            _gen(model, inputs, do_sample=True, num_return_sequences=2)
+        assert _gen(model, singles[1], do_sample=True, num_return_sequences=2).shape[0] == 2
