@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 
+import torch
+
 from vlmcompress.config import CompressionConfig
 
 from .pipeline import CompressionReport, prepare_inputs
@@ -76,7 +78,13 @@ def patch(model, config: CompressionConfig | None = None, *, processor=None):
     def generate(*args, **kwargs):
         if args:
             kwargs = {**dict(zip(["input_ids"], args)), **kwargs}
-        return original_generate(**handle._prepare(kwargs))
+        prepared = handle._prepare(kwargs)
+        out = original_generate(**prepared)
+        if prepared is kwargs:
+            return out
+        # The model generated after the *shrunk* prompt; give back the caller's prompt followed by the new
+        # tokens, so the usual `out[:, inputs["input_ids"].shape[1]:]` still cuts off exactly the answer.
+        return _restore_prompt(out, kwargs["input_ids"], prepared["input_ids"].shape[1])
 
     object.__setattr__(model, "forward", forward)
     object.__setattr__(model, "generate", generate)
@@ -107,6 +115,19 @@ def compressed(model, config: CompressionConfig | None = None, *, processor=None
         yield model
     finally:
         unpatch(model)
+
+
+def _restore_prompt(out, prompt: torch.Tensor, packed_length: int):
+    sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+    if sequences is None:
+        return out
+    new_tokens = sequences[:, packed_length:]
+    expanded = prompt.to(sequences.device).repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
+    restored = torch.cat([expanded, new_tokens], dim=1)
+    if isinstance(out, torch.Tensor):
+        return restored
+    out.sequences = restored
+    return out
 
 
 def _check_config(config) -> None:

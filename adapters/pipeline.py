@@ -30,6 +30,9 @@ class ItemReport:
     placeholders: int      # tokens the processor reserved (what the LLM would read unpatched)
     after_vision: int      # tokens leaving the vision tower + projector (stage A)
     after_compress: int    # tokens reaching the LLM (stage B)
+    grid: tuple | None = None           # (T, H, W) LLM-token grid of the item, when it has one
+    source: torch.Tensor | None = None  # [placeholders] int64: which LLM token holds each original token
+    size: torch.Tensor | None = None    # [after_compress] how many original tokens each one stands for
 
     @property
     def kept_ratio(self) -> float:
@@ -133,7 +136,9 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
                                             width if item.extra_widths else None)
         item.state = _order_by_first_source(item.state)
         item.anchors = _anchors(item.state)
-        report.items.append(ItemReport(item.modality, item.row, item.slots.numel(), before, item.state.num_tokens))
+        report.items.append(ItemReport(item.modality, item.row, item.slots.numel(), before, item.state.num_tokens,
+                                       grid=item.grid, source=_source_or_none(item.state),
+                                       size=item.state.size[0].detach()))
 
     keep = mask.bool().clone()
     for item in items:
@@ -215,7 +220,8 @@ def compress_item(state: TokenState, grid, config: CompressionConfig, *, questio
             plan = merge_ops.temporal_matching(_metric(state, metric_channels), frames,
                                                threshold=config.temporal_threshold)
         else:
-            plan = merge_ops.temporal_matching(_metric(state, metric_channels), frames, budget=per_frame - max(1, math.ceil(config.temporal_keep * per_frame)))
+            budget = per_frame - max(1, math.ceil(config.temporal_keep * per_frame))
+            plan = merge_ops.temporal_matching(_metric(state, metric_channels), frames, budget=budget)
         state = plan.merge(state)
     return state
 
@@ -360,7 +366,10 @@ def _position_map(positions: torch.Tensor, real: torch.Tensor, visual: torch.Ten
             a = p0_new - delta * p0
             mapped[:, b, i:j] = a + delta * positions[:, b, i:j]
             offset[b, i:j] = a
-            after = float(positions[:, b, j].min()) if j < length and real[b, j] else float(positions[:, b, i:j].max()) + 1
+            if j < length and real[b, j]:
+                after = float(positions[:, b, j].min())
+            else:
+                after = float(positions[:, b, i:j].max()) + 1
             after_new = math.ceil(p0_new + delta * (after - 1 - p0)) + 1
             shift = after_new - after
             i = j
@@ -408,3 +417,7 @@ def _pack(values: torch.Tensor, keep: torch.Tensor, length: int, pad, left: bool
 def _pad_value(ids, mask, adapter) -> int:
     pads = ids[mask == 0]
     return int(pads[0]) if pads.numel() else adapter.pad_token_id()
+
+
+def _source_or_none(state: TokenState):
+    return None if state.source is None else state.source[0].detach()

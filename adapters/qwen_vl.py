@@ -39,7 +39,7 @@ VISION_MERGE_NOTE = (
     "permutation), apply 2-D rotary positions per patch, and end in a merger that concatenates each 2×2 "
     "block of neighbouring patches, so dropping or averaging patches inside the tower breaks the windows, "
     "the rotary grid and the 2×2 blocks the merger expects. Compress after the merger instead "
-    "(keep_ratio, token_budget, temporal merging), which is lossless to wire and just as effective for the LLM."
+    "(keep_ratio, token_budget, temporal merging, v2pe_delta), which these adapters support."
 )
 
 # Inputs of get_rope_index that travel in the processor outputs.

@@ -74,8 +74,6 @@ def ask(model, processor, frames: np.ndarray, question: str, *, fps: float,
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             report = model.vlmcompress.report
     seconds = time.perf_counter() - start
-    # A patched generate() returns the *shrunk* prompt followed by the new tokens.
-    prompt_len = inputs["input_ids"].shape[1] if report is None else max(report.prefill_after)
-    new = out[0, prompt_len:]
+    new = out[0, inputs["input_ids"].shape[1]:]
     text = processor.batch_decode(new[None], skip_special_tokens=True)[0].strip()
     return Answer(text, report, seconds, int(new.numel()))

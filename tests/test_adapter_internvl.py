@@ -190,7 +190,9 @@ def test_prefill_length_is_planned_and_generate_works(kind, grouped):
         prefill_len, prefill_pos = calls[0]
         assert report.prefill_after == rows
         assert prefill_len == max(rows)
-        assert out.shape == (2, max(rows) + 4)
+        # generate() hands back the caller's prompt followed by the new tokens.
+        prompt = inputs["input_ids"].shape[1]
+        assert out.shape == (2, prompt + 4) and torch.equal(out[:, :prompt], inputs["input_ids"])
         # Decoding read one token per step, continuing after the last V2PE position.
         assert [c[0] for c in calls[1:]] == [1, 1, 1]
         assert torch.equal(calls[1][1][:, 0], prefill_pos[:, -1] + 1)
@@ -199,7 +201,7 @@ def test_prefill_length_is_planned_and_generate_works(kind, grouped):
         with torch.no_grad():
             logits = model(**inputs).logits
         assert logits.shape[1] == max(rows)
-        assert torch.equal(out[:, max(rows)], logits[:, -1].argmax(-1))
+        assert torch.equal(out[:, prompt], logits[:, -1].argmax(-1))
         # KV cache on and off agree; sampling runs and is reproducible under a seed.
         assert torch.equal(_gen(model, inputs, use_cache=False), out)
         torch.manual_seed(0)
@@ -219,7 +221,7 @@ def test_prefill_length_is_planned_and_generate_works(kind, grouped):
         model.vlmcompress.config = COMPRESS[kind]           # the data-dependent temporal threshold
         out = _gen(model, inputs)
         report = model.vlmcompress.report
-        assert out.shape[1] == max(report.prefill_after) + 4
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 4
         assert report.visual_after < report.visual_before
         text = [int(mask[b].sum()) - n for b, n in enumerate(n_visual)]
         visual = [sum(i.after_compress for i in report.items if i.row == b) for b in range(2)]
