@@ -32,7 +32,7 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, dst: to
     size_out = w.new_zeros(b, num_out).scatter_add(1, dst, w)
     pacc = torch.promote_types(pos.dtype, acc)
     pos_sum = pos.new_zeros(b, num_out, 3, dtype=pacc).scatter_add(1, idx.expand(b, n, 3), pos.to(pacc) * w.to(pacc).unsqueeze(-1))
-    x_out = (x_sum / size_out.unsqueeze(-1)).to(x.dtype)
+    x_out = x_sum.div_(size_out.unsqueeze(-1)).to(x.dtype)
     pos_out = (pos_sum / size_out.to(pacc).unsqueeze(-1)).to(pos.dtype)
     return x_out, size_out.to(size.dtype), pos_out
 
@@ -72,9 +72,7 @@ def _best_match_block(a, b, b_valid):
     sim = torch.matmul(a, b.transpose(-1, -2)).float()
     if b_valid is not None:
         sim = sim.masked_fill(~b_valid.unsqueeze(1), float("-inf"))
-    # torch.max does not promise the first index on ties; argmax over a flipped copy would cost
-    # another pass, so take the max and then the first index that reaches it.
-    score = sim.amax(-1)
-    hit = sim == score.unsqueeze(-1)
-    index = torch.where(hit, torch.arange(sim.shape[-1], device=sim.device), sim.shape[-1]).amin(-1)
+    # torch.argmax documents that ties return the first index, which is the tie rule of the kernels.
+    index = sim.argmax(-1)
+    score = sim.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     return score, index

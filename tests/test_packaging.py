@@ -31,3 +31,10 @@ def test_core_import_is_light():
     code = "import sys, vlmcompress; print('transformers' in sys.modules, 'open_clip' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_every_public_name_resolves():
+    import vlmcompress
+
+    for name in vlmcompress.__all__:
+        assert getattr(vlmcompress, name) is not None, name

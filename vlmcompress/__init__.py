@@ -21,37 +21,25 @@ __version__ = "0.1.0"
 
 _LAZY = {
     # merging
-    "MergePlan": "vlmcompress.merge",
-    "bipartite_soft_matching": "vlmcompress.merge",
-    "temporal_matching": "vlmcompress.merge",
-    "unmerge_to_source": "vlmcompress.merge",
-    "merge_schedule": "vlmcompress.schedule",
-    "tokens_after": "vlmcompress.schedule",
-    "size_log_bias": "vlmcompress.attention",
-    "proportional_attention": "vlmcompress.attention",
-    "merge_colors": "vlmcompress.visualize",
+    **dict.fromkeys(["MergePlan", "bipartite_soft_matching", "temporal_matching", "temporal_tokens_after",
+                     "tome_merge", "unmerge_to_source"], "vlmcompress.merge"),
+    **dict.fromkeys(["merge_schedule", "tokens_after"], "vlmcompress.schedule"),
+    **dict.fromkeys(["size_log_bias", "combine_masks", "proportional_attention", "proportional_sdpa"],
+                    "vlmcompress.attention"),
+    **dict.fromkeys(["merge_colors", "palette"], "vlmcompress.visualize"),
     # pooling and relevance
-    "prompt_guided_pool": "vlmcompress.pool",
-    "pool_kernel_stride": "vlmcompress.pool",
-    "grid_for_budget": "vlmcompress.pool",
-    "relevance_from_embeddings": "vlmcompress.relevance",
-    "resize_relevance": "vlmcompress.relevance",
-    "ClipRelevanceScorer": "vlmcompress.relevance",
-    "stretch_positional_embedding": "vlmcompress.long_clip",
+    **dict.fromkeys(["prompt_guided_pool", "pool_kernel_stride", "grid_for_budget", "pool_coverage"], "vlmcompress.pool"),
+    **dict.fromkeys(["relevance_from_embeddings", "resize_relevance", "ClipRelevanceScorer", "tiny_clip_scorer"],
+                    "vlmcompress.relevance"),
+    **dict.fromkeys(["stretch_positional_embedding", "apply_long_context"], "vlmcompress.long_clip"),
     # positions
-    "v2pe_position_ids": "vlmcompress.positions",
-    "rotary_cos_sin": "vlmcompress.positions",
-    "scale_visual_blocks": "vlmcompress.positions",
+    **dict.fromkeys(["v2pe_position_ids", "v2pe_delta_for", "V2PE_DELTAS", "raster_offsets", "rotary_cos_sin",
+                     "scale_visual_blocks"], "vlmcompress.positions"),
     # video
-    "read_video": "vlmcompress.video",
-    "iter_video_chunks": "vlmcompress.video",
+    **dict.fromkeys(["read_video", "iter_video_chunks", "VideoClip", "sample_frame_indices"], "vlmcompress.video"),
     # adapters
-    "patch": "vlmcompress.adapters",
-    "unpatch": "vlmcompress.adapters",
-    "compressed": "vlmcompress.adapters",
-    "is_patched": "vlmcompress.adapters",
-    "supported_model_types": "vlmcompress.adapters",
-    "CompressionReport": "vlmcompress.adapters",
+    **dict.fromkeys(["patch", "unpatch", "compressed", "is_patched", "supported_model_types", "CompressionReport",
+                     "ItemReport"], "vlmcompress.adapters"),
 }
 
 __all__ = ["PRESETS", "CompressionConfig", "TokenState", "grid_positions", *_LAZY]

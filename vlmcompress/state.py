@@ -90,7 +90,8 @@ class TokenState:
             head = torch.zeros(prefix, 3, device=x.device, dtype=pos.dtype)
             head[:, 2] = torch.arange(-prefix, 0, device=x.device, dtype=pos.dtype)
             pos = torch.cat([head, pos], 0)
-        size = torch.ones(b, n, device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+        # fp32 whatever x is: bf16 counts are exact only up to 256, and merged groups grow past that.
+        size = torch.ones(b, n, device=x.device, dtype=torch.float32)
         source = torch.arange(n, device=x.device).expand(b, n).clone() if track_source else None
         return cls(x=x, size=size, pos=pos.expand(b, n, 3).clone(), source=source)
 
