@@ -29,7 +29,7 @@ The compressed features are handed over as one ``[ΣM, 1, C]`` tensor (one row p
 repeats rows for ``num_beams`` / ``num_return_sequences``. Positions are the LLM's own 1-D positions.
 Reports list video frames under the modality ``"image"``, as the model does.
 
-Stage A (merging inside the ViT) is not offered: see ``VISION_MERGE_NOTE``.
+Stage A (merging inside the ViT) runs tower-only: see ``VISION_MERGE_NOTE``.
 """
 from __future__ import annotations
 
@@ -39,22 +39,21 @@ import torch
 
 from .base import EncodedItems, FamilyAdapter
 from .registry import register
+from .vision_merge import TowerOnlyMerge
 
 VISION_MERGE_NOTE = (
-    "InternVL's vision tower is not merged internally (stage A): after the ViT, the model reshapes each "
-    "tile's patch tokens into a square grid and pixel-shuffles every 2×2 block of neighbouring patches "
-    "into one token by concatenating their channels, so merged (fewer, averaged) patches leave no grid to "
-    "shuffle, and unmerging them back before the shuffle would save only ViT compute, not a single LLM "
-    "token. Compress after the projector instead (keep_ratio, token_budget, temporal merging)."
+    "InternVL's ViT merges tokens (stage A) but its output is spread back to every patch before the "
+    "model pixel-shuffles each 2×2 block of neighbouring patches into one token (the shuffle needs the full "
+    "grid): the ViT runs on fewer tokens, the LLM reads the usual count. Compress after the projector "
+    "(keep_ratio, token_budget, temporal merging) to shorten the LLM's input."
 )
 
 
 @register
-class InternVLAdapter(FamilyAdapter):
+class InternVLAdapter(TowerOnlyMerge, FamilyAdapter):
     model_types = ("internvl",)
     pixel_keys = {"image": ("pixel_values",)}
     trigger_keys = {"image": "pixel_values"}
-    supports_vision_merge = False
 
     def __init__(self, model) -> None:
         super().__init__(model)

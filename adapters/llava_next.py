@@ -15,10 +15,11 @@ import torch
 
 from .base import EncodedItems, FamilyAdapter
 from .registry import register
+from .vision_merge import TowerOnlyMerge
 
 
 @register
-class LlavaNextAdapter(FamilyAdapter):
+class LlavaNextAdapter(TowerOnlyMerge, FamilyAdapter):
     model_types = ("llava_next",)
     pixel_keys = {"image": ("pixel_values", "image_sizes")}
     trigger_keys = {"image": "pixel_values"}

@@ -19,11 +19,13 @@ import torch
 from .base import EncodedItems, FamilyAdapter
 from .llava_next import frame_grid, image_items
 from .registry import register
+from .vision_merge import TowerOnlyMerge
 
 
 @register
-class LlavaOnevisionAdapter(FamilyAdapter):
+class LlavaOnevisionAdapter(TowerOnlyMerge, FamilyAdapter):
     model_types = ("llava_onevision",)
+    vision_protected = 0     # SigLIP has no CLS token
     pixel_keys = {"image": ("pixel_values", "image_sizes", "batch_num_images"),
                   "video": ("pixel_values_videos", "image_sizes_videos")}
     trigger_keys = {"image": "pixel_values", "video": "pixel_values_videos"}

@@ -412,3 +412,31 @@ def install_vision_merge(vision_tower: nn.Module, config, *, protected: int, fea
     handle = VisionMerge(vision_tower, config, protected=protected, feature_layer=feature_layer,
                          unmerge_output=unmerge_output)
     return handle
+
+
+class TowerOnlyMerge:
+    """Mixin: stage A for families whose code needs the full patch grid after the vision tower
+    (LLaVA-NeXT/OneVision tile packing and pooling, InternVL's pixel shuffle).
+
+    The tower merges per ``config.vision_keep`` and runs its layers on fewer tokens; the hidden state
+    the VLM reads is spread back to every patch, so the family's own code and the LLM see the usual
+    count. The saving is vision-tower compute; stage B reduces what the LLM reads.
+    """
+
+    supports_vision_merge = True
+    #: leading tokens of the tower's sequence that never merge (1 for a CLS token, 0 for SigLIP).
+    vision_protected = 1
+
+    def install(self, config) -> None:
+        super().install(config)
+        self._vision = None
+        if config.compresses_vision:
+            layer = getattr(self.model.config, "vision_feature_layer", -1)
+            self._vision = install_vision_merge(self.base.vision_tower, config, protected=self.vision_protected,
+                                                feature_layer=layer, unmerge_output=True)
+
+    def uninstall(self) -> None:
+        if getattr(self, "_vision", None) is not None:
+            self._vision.remove()
+            self._vision = None
+        super().uninstall()

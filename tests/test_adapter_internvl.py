@@ -401,10 +401,3 @@ def test_save_reload_then_patch(tmp_path):
     patch(loaded, COMPRESS["video"], processor=_processor())
     assert torch.equal(_gen(loaded, inputs), expected)
     assert loaded.vlmcompress.report.visual_after < loaded.vlmcompress.report.visual_before
-
-
-def test_vision_merge_is_refused_with_a_clear_error():
-    model = _model()
-    with pytest.raises(ValueError, match="vision_keep"):
-        patch(model, CompressionConfig(vision_keep=0.5))
-    assert "forward" not in model.__dict__
