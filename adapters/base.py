@@ -70,6 +70,11 @@ class FamilyAdapter:
         """The ``...Model`` under the ``...ForConditionalGeneration`` head."""
         return self.model.model
 
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The LLM (a Llama/Qwen-style ``...Model``) whose attention reads the visual tokens."""
+        return self.base.language_model
+
     def token_id(self, modality: str) -> int:
         cfg = self.model.config
         return getattr(cfg, f"{modality}_token_id", None) if modality == "image" else \
@@ -89,6 +94,34 @@ class FamilyAdapter:
     def encode(self, modality: str, kwargs: dict) -> EncodedItems:
         """Run the vision encoder and projector for ``modality`` with the family's own code."""
         raise NotImplementedError
+
+    def item_frames(self, modality: str, kwargs: dict, index: int) -> torch.Tensor | None:
+        """The pixels of item ``index`` of ``modality`` as the vision tower saw them, for relevance scorers
+        that look at frames (``ClipRelevanceScorer``); ``None`` when the family cannot recover them.
+
+        Returns ``[T, 3, H, W]`` float32 in ``[0, 1]`` (the processor's resize kept, its normalisation
+        undone with the processor given to ``patch(..., processor=)``). The default reads an image from
+        ``pixel_values [N, 3, H, W]`` and a video from ``pixel_values_videos [B, T, 3, H, W]``; families
+        with tiles or flattened patches override it.
+        """
+        from .frames import denormalise, pixel_processor
+
+        pixels = kwargs.get(self.trigger_keys.get(modality, ""))
+        if not isinstance(pixels, torch.Tensor):
+            return None
+        if modality == "image" and pixels.ndim == 4:
+            frames = pixels[index:index + 1]
+        elif modality == "video" and pixels.ndim == 5:
+            frames = pixels[index]
+        else:
+            return None
+        return denormalise(frames, pixel_processor(self.processor, modality), what=f"{modality} {index}")
+
+    @property
+    def processor(self):
+        """The processor given to ``patch(model, config, processor=...)``, or ``None``."""
+        handle = self.model.__dict__.get("vlmcompress")
+        return getattr(handle, "processor", None)
 
     def encoder_output(self, modality: str, features: list[torch.Tensor], kwargs: dict):
         """Wrap the compressed ``[M_i, C]`` features of ``modality`` the way the model's ``forward`` reads

@@ -93,6 +93,32 @@ class InternVLAdapter(TowerOnlyMerge, FamilyAdapter):
             grids.append((len(group), side, side) if square and one_tile else None)
         return EncodedItems(feats, grids, counts)
 
+    def item_frames(self, modality: str, kwargs: dict, index: int):
+        """Tiles of item ``index`` from ``pixel_values [tiles, 3, H, W]``: a video's frames (one tile each),
+        a one-tile image's tile, or a multi-tile image's last tile (the processor's thumbnail of the whole
+        image; such items have no grid, so no scorer reads it today)."""
+        from .frames import denormalise, pixel_processor
+
+        pixels = kwargs.get("pixel_values")
+        if modality != "image" or not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
+            return None
+        blocks = self._blocks(kwargs)
+        total = sum(n for _, _, n in blocks)
+        if total % pixels.shape[0]:
+            return None
+        per_tile = total // pixels.shape[0]
+        first = [0]
+        for _, _, n in blocks:
+            first.append(first[-1] + n // per_tile)
+        group = self._group_frames(kwargs["input_ids"], blocks, per_tile)[index]
+        if len(group) == 1 and first[group[0] + 1] - first[group[0]] > 1:
+            tiles = [first[group[0] + 1] - 1]
+        else:
+            tiles = [first[k] for k in group]
+        # A group of several frames is a video: its frames went through the processor's video_processor.
+        which = "video" if len(group) > 1 else "image"
+        return denormalise(pixels[tiles], pixel_processor(self.processor, which), what=f"image {index}")
+
     def encoder_output(self, modality: str, features: list[torch.Tensor], kwargs: dict):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 

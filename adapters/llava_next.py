@@ -35,6 +35,9 @@ class LlavaNextAdapter(TowerOnlyMerge, FamilyAdapter):
         )
         return image_items(list(out.pooler_output), self.tile_side())
 
+    def item_frames(self, modality: str, kwargs: dict, index: int):
+        return base_tile_frames(self, modality, kwargs, index)
+
     def tile_side(self) -> int:
         """Patches per side of one tile (``image_size // patch_size``)."""
         vision = self.model.config.vision_config
@@ -59,6 +62,15 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         feats = list(out.pooler_output)                          # each [T * s'^2, C]
         frames = pixels.shape[1]
         return EncodedItems(feats, [frame_grid(f.shape[0], frames) for f in feats], [f.shape[0] for f in feats])
+
+
+def base_tile_frames(adapter: FamilyAdapter, modality: str, kwargs: dict, index: int):
+    """``FamilyAdapter.item_frames`` for any-res images ``pixel_values [N, tiles, 3, H, W]``: the base tile
+    (tile 0, the whole image resized), the one picture of the full view; videos as the default."""
+    pixels = kwargs.get("pixel_values")
+    if modality == "image" and isinstance(pixels, torch.Tensor) and pixels.ndim == 5:
+        kwargs = {**kwargs, "pixel_values": pixels[:, 0]}
+    return FamilyAdapter.item_frames(adapter, modality, kwargs, index)
 
 
 def image_items(feats: list[torch.Tensor], side: int) -> EncodedItems:

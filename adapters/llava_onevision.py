@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .base import EncodedItems, FamilyAdapter
-from .llava_next import frame_grid, image_items
+from .llava_next import base_tile_frames, frame_grid, image_items
 from .registry import register
 from .vision_merge import TowerOnlyMerge
 
@@ -52,6 +52,9 @@ class LlavaOnevisionAdapter(TowerOnlyMerge, FamilyAdapter):
         frames = pixels.shape[1]
         grids = [frame_grid(f.shape[0] - 1, frames) for f in feats]
         return EncodedItems(feats, grids, [f.shape[0] for f in feats], keep_tail=[1] * len(feats))
+
+    def item_frames(self, modality: str, kwargs: dict, index: int):
+        return base_tile_frames(self, modality, kwargs, index)
 
     def encoder_output(self, modality: str, features: list[torch.Tensor], kwargs: dict):
         if modality != "video":

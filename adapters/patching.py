@@ -13,6 +13,7 @@ import torch
 
 from vlmcompress.config import CompressionConfig
 
+from .llm_attention import check_llm_attention, install_llm_attention
 from .pipeline import CompressionReport, prepare_inputs
 from .registry import adapter_for
 
@@ -29,6 +30,7 @@ class PatchHandle:
         self.processor = processor
         self.report: CompressionReport | None = None
         self.reports: list[CompressionReport] = []
+        self.llm_attention = None   # llm_attention.LlmProportionalAttention while the config asks for it
 
     @property
     def config(self) -> CompressionConfig:
@@ -37,18 +39,39 @@ class PatchHandle:
     @config.setter
     def config(self, config: CompressionConfig) -> None:
         _check_config(config)
+        if config.llm_proportional_attention:
+            check_llm_attention(self.adapter.language_model)     # refuse before changing anything
         self.adapter.configure(config)
+        self._attach_llm_attention(config)
         self._config = config
 
+    def _attach_llm_attention(self, config: CompressionConfig | None) -> None:
+        """(Re)install the LLM's proportional-attention hooks per ``config`` (``None``: remove them)."""
+        if self.llm_attention is not None:
+            self.llm_attention.remove()
+            self.llm_attention = None
+        if config is not None and config.llm_proportional_attention:
+            self.llm_attention = install_llm_attention(self.adapter.language_model)
+
+    def _disarm(self) -> None:
+        # Sizes armed for a call that never reached the LLM (it raised) must not leak into the next one.
+        if self.llm_attention is not None:
+            self.llm_attention.disarm()
+
     def _prepare(self, kwargs: dict) -> dict:
+        # Our own keywords never reach the model, with or without pixel inputs.
+        question = kwargs.pop("question", None)
+        relevance_frames = kwargs.pop("relevance_frames", None)
         if not self.adapter.modalities(kwargs):
             return kwargs
-        question = kwargs.pop("question", None)
         if question is None and self._config.relevance is not None and self.processor is not None:
             question = _read_question(self.processor, self.adapter, kwargs)
-        new_kwargs, report = prepare_inputs(self.adapter, self._config, kwargs, question=question)
+        new_kwargs, report = prepare_inputs(self.adapter, self._config, kwargs, question=question,
+                                            relevance_frames=relevance_frames)
         self.report = report
         self.reports.append(report)
+        if self.llm_attention is not None:
+            self.llm_attention.arm(report.token_size)
         del self.reports[:-16]
         return new_kwargs
 
@@ -66,20 +89,31 @@ def patch(model, config: CompressionConfig | None = None, *, processor=None):
     adapter = adapter_for(model)
     adapter.install(config)
     handle = PatchHandle(model, adapter, config, processor)
+    try:
+        handle._attach_llm_attention(config)
+    except Exception:
+        adapter.uninstall()
+        raise
     original_forward, original_generate = model.forward, model.generate
 
     @functools.wraps(original_forward)
     def forward(*args, **kwargs):
         if args:
             kwargs = {**dict(zip(["input_ids"], args)), **kwargs}
-        return original_forward(**handle._prepare(kwargs))
+        try:
+            return original_forward(**handle._prepare(kwargs))
+        finally:
+            handle._disarm()
 
     @functools.wraps(original_generate)
     def generate(*args, **kwargs):
         if args:
             kwargs = {**dict(zip(["input_ids"], args)), **kwargs}
-        prepared = handle._prepare(kwargs)
-        out = original_generate(**prepared)
+        try:
+            prepared = handle._prepare(kwargs)
+            out = original_generate(**prepared)
+        finally:
+            handle._disarm()
         if prepared is kwargs:
             return out
         # The model generated after the *shrunk* prompt; give back the caller's prompt followed by the new
@@ -98,6 +132,7 @@ def unpatch(model):
     if not isinstance(handle, PatchHandle):
         raise ValueError(f"{type(model).__name__} is not patched by vlmcompress")
     handle.adapter.uninstall()
+    handle._attach_llm_attention(None)
     for name in ("forward", "generate", _ATTR):
         model.__dict__.pop(name, None)
     return model
@@ -136,13 +171,43 @@ def _check_config(config) -> None:
 
 
 def _read_question(processor, adapter, kwargs) -> list[str]:
-    """The text of each row after its last visual placeholder: the user's question in every chat template
-    we know, without the template's own tokens (skip_special_tokens)."""
+    """The user's question in each row: the text after its last visual placeholder, without the chat
+    template's own tokens (skip_special_tokens) and without its generation prompt (``ASSISTANT:``,
+    ``<|im_start|>assistant``), so relevance is scored on the question alone (DESIGN.md §3.2)."""
     tok = getattr(processor, "tokenizer", processor)
     ids = kwargs["input_ids"]
+    mask = kwargs.get("attention_mask")
     visual = {adapter.token_id(m) for m in ("image", "video")} - {None}
+    suffix = _generation_prompt_ids(processor, tok)
+    special = set(getattr(tok, "all_special_ids", None) or ())
     out = []
-    for row in ids.tolist():
+    for b, row in enumerate(ids.tolist()):
+        if mask is not None:
+            row = [t for t, keep in zip(row, mask[b].tolist()) if keep]
         last = max((i for i, t in enumerate(row) if t in visual), default=-1)
-        out.append(tok.decode(row[last + 1:], skip_special_tokens=True).strip())
+        tail = row[last + 1:]
+        if suffix and tail[-len(suffix):] == suffix:
+            tail = tail[:-len(suffix)]
+        text = tok.decode(tail, skip_special_tokens=True).strip()
+        if suffix and not special.intersection(suffix):
+            # A plain-text generation prompt (LLaVA's " ASSISTANT:") may tokenize differently in context.
+            plain = tok.decode(suffix, skip_special_tokens=True).strip()
+            if plain and text.endswith(plain):
+                text = text[:-len(plain)].strip()
+        out.append(text)
     return out
+
+
+def _generation_prompt_ids(processor, tok) -> list[int]:
+    """Token ids the processor's chat template writes after the user's text (end of turn + generation
+    prompt), or ``[]`` when there is no chat template to ask."""
+    marker = "vlmcompressquestionmarker"
+    conversation = [{"role": "user", "content": [{"type": "text", "text": marker}]}]
+    try:
+        rendered = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except Exception:  # no template, or one that needs other content: nothing to strip
+        return []
+    if not isinstance(rendered, str) or marker not in rendered:
+        return []
+    after = rendered.split(marker)[-1]
+    return tok(after, add_special_tokens=False)["input_ids"] if after else []

@@ -46,6 +46,9 @@ class CompressionReport:
     items: list[ItemReport] = field(default_factory=list)
     prefill_before: list[int] = field(default_factory=list)   # per row, real (unpadded) tokens
     prefill_after: list[int] = field(default_factory=list)
+    # [B, L'] float32, per token of the packed prompt: how many original tokens it stands for (1 for text
+    # and padding). What proportional attention in the LLM adds log() of (adapters/llm_attention.py).
+    token_size: torch.Tensor | None = None
 
     @property
     def visual_before(self) -> int:
@@ -73,18 +76,27 @@ class _Item:
     grid: tuple | None
     anchors: torch.Tensor | None = None   # [M] increasing indices into slots
     tail: int = 0                         # trailing tokens kept out of compression (EncodedItems.keep_tail)
+    frames: object = None                 # zero-argument callable giving the item's frames (relevance scorers)
     extra_widths: tuple[int, ...] = ()    # channels of EncodedItems.extras appended to state.x
 
 
 def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: dict, *,
-                   question: str | list[str] | None = None) -> tuple[dict, CompressionReport]:
-    """Turn processor outputs into compressed model inputs. Returns ``(new_kwargs, report)``."""
+                   question: str | list[str] | None = None,
+                   relevance_frames=None) -> tuple[dict, CompressionReport]:
+    """Turn processor outputs into compressed model inputs. Returns ``(new_kwargs, report)``.
+
+    ``question`` (one str, or one per batch row) and ``relevance_frames`` (optional, one entry per
+    image/video item: images in placeholder order, then videos; ``None`` entries fall back to
+    ``adapter.item_frames``) feed ``config.relevance``; see :class:`CompressionConfig`."""
     ids = kwargs.get("input_ids")
     if ids is None:
         raise ValueError("vlmcompress needs input_ids next to the pixel inputs (to find the placeholder tokens); "
                          "inputs_embeds alone are not supported on a patched model")
     if kwargs.get("labels") is not None:
         raise ValueError("labels are not supported on a patched model: compression changes the sequence length")
+    if relevance_frames is not None and not isinstance(relevance_frames, (list, tuple)):
+        raise TypeError("relevance_frames must be a list with one entry (frames or None) per image/video, "
+                        f"got {type(relevance_frames).__name__}")
     kwargs = dict(kwargs)
     batch, length = ids.shape
     mask = kwargs.get("attention_mask")
@@ -123,9 +135,14 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
             if tail and enc.states is not None and enc.states[i] is not None:
                 raise ValueError(f"{modality} {i}: keep_tail together with a merging vision tower is not supported")
             state, widths = _append_extras(state, enc, i, modality)
-            item = _Item(modality, row, c, state, enc.grids[i], tail=tail, extra_widths=widths)
+            item = _Item(modality, row, c, state, enc.grids[i], tail=tail, extra_widths=widths,
+                         frames=_frames_source(adapter, modality, kwargs, i, relevance_frames, len(items)))
             encoded[modality].append(item)
             items.append(item)
+
+    if relevance_frames is not None and len(relevance_frames) != len(items):
+        raise ValueError(f"relevance_frames has {len(relevance_frames)} entries but the inputs hold {len(items)} "
+                         "images/videos: pass one entry (or None) per item, images first, then videos")
 
     report = CompressionReport()
     for item in items:
@@ -133,7 +150,7 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
         width = item.state.x.shape[-1] - sum(item.extra_widths)
         item.state = _compress_keeping_tail(item.state, item.tail, item.grid, config,
                                             _question_for(question, item.row),
-                                            width if item.extra_widths else None)
+                                            width if item.extra_widths else None, frames=item.frames)
         item.state = _order_by_first_source(item.state)
         item.anchors = _anchors(item.state)
         report.items.append(ItemReport(item.modality, item.row, item.slots.numel(), before, item.state.num_tokens,
@@ -155,6 +172,10 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
     # Keep the caller's padding side; generation needs left padding, so that is the default.
     left = not (bool((mask[:, -1] == 0).any()) and bool(mask[:, 0].all()))
     new_len = max(report.prefill_after)
+    sizes = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+    for item in items:
+        sizes[item.row, item.slots[item.anchors.to(item.slots.device)]] = item.state.size[0].float().to(ids.device)
+    report.token_size = _pack(sizes, keep, new_len, 1.0, left)
     pad_id = _pad_value(ids, mask, adapter)
     out = {"input_ids": _pack(ids, keep, new_len, pad_id, left),
            "attention_mask": _pack(torch.ones_like(mask), keep, new_len, 0, left)}
@@ -182,11 +203,12 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
 
 
 def compress_item(state: TokenState, grid, config: CompressionConfig, *, question: str | None = None,
-                  metric_channels: int | None = None) -> TokenState:
+                  metric_channels: int | None = None, frames=None) -> TokenState:
     """Stage B for one item (``state`` holds a batch of one): pooling/merging to the budget, then
     temporal merging across frames. With ``metric_channels``, similarity and relevance look only at the
     first ``metric_channels`` feature channels; the rest (``EncodedItems.extras``) ride along with the
-    same weights."""
+    same weights. ``frames`` (the item's frames, or a zero-argument callable returning them) go to a
+    ``config.relevance`` scorer that scores pixels (``score``)."""
     from vlmcompress import merge as merge_ops
     from vlmcompress import pool as pool_ops
 
@@ -202,7 +224,7 @@ def compress_item(state: TokenState, grid, config: CompressionConfig, *, questio
 
     if target < n0 and grid is not None and config.budget_method == "pool":
         out_grid = pool_ops.grid_for_budget(grid, target)
-        relevance = _relevance(config, question, _metric(state, metric_channels), grid)
+        relevance = _relevance(config, question, _metric(state, metric_channels), grid, frames)
         state = pool_ops.prompt_guided_pool(state, grid, out_grid, relevance, tau=config.pool_tau)
         grid = out_grid
     elif target < n0:
@@ -227,16 +249,17 @@ def compress_item(state: TokenState, grid, config: CompressionConfig, *, questio
 
 
 def _compress_keeping_tail(state: TokenState, tail: int, grid, config: CompressionConfig, question,
-                           metric_channels: int | None = None) -> TokenState:
+                           metric_channels: int | None = None, frames=None) -> TokenState:
     """``compress_item`` on all but the last ``tail`` tokens, which are appended unchanged."""
     if not tail:
-        return compress_item(state, grid, config, question=question, metric_channels=metric_channels)
+        return compress_item(state, grid, config, question=question, metric_channels=metric_channels,
+                             frames=frames)
     n = state.num_tokens
     if not 0 < tail < n:
         raise ValueError(f"keep_tail must be in [0, {n}) for an item of {n} tokens, got {tail}")
     head = TokenState(state.x[:, :n - tail], state.size[:, :n - tail], state.pos[:, :n - tail],
                       torch.arange(n - tail, device=state.x.device).unsqueeze(0))
-    head = compress_item(head, grid, config, question=question, metric_channels=metric_channels)
+    head = compress_item(head, grid, config, question=question, metric_channels=metric_channels, frames=frames)
     m = head.num_tokens
     # Fresh states from _initial_state have source = arange(n); compose with the head's map.
     source = torch.cat([head.source, torch.arange(m, m + tail, device=state.x.device).unsqueeze(0)], 1)
@@ -286,14 +309,42 @@ def _append_extras(state: TokenState, enc, i: int, modality: str) -> tuple[Token
     return state.replace(x=x), tuple(int(e.shape[1]) for e in extras)
 
 
-def _relevance(config, question, features, grid):
+def _relevance(config, question, features, grid, frames=None):
+    """``[1, T*H*W]`` relevance of the item's tokens to ``question`` for prompt-guided pooling, or ``None``.
+
+    A scorer with ``score(question, frames, target_grid)`` (``ClipRelevanceScorer``) scores the item's
+    frames and maps its patch grid onto the item's token ``grid``; otherwise the scorer's
+    ``score_features(question, features [1, N, C], grid)`` scores the VLM features themselves.
+    """
     scorer = config.relevance
     if scorer is None:
         return None
     if question is None:
         raise ValueError("config.relevance is set but no question is known: pass question=... to generate(), "
                          "or patch(model, config, processor=processor) so the prompt can be read")
-    return scorer.score_features(question, features, grid)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"config.relevance needs the user's question as a non-empty str, got {question!r}: "
+                         "pass question=... to generate()")
+    if not callable(getattr(scorer, "score", None)):
+        return scorer.score_features(question, features, grid)
+    pixels = frames() if callable(frames) else frames
+    if pixels is None:
+        raise ValueError(f"{type(scorer).__name__} scores frames, and this item's frames cannot be recovered "
+                         "from the processor outputs of this model family: pass them with "
+                         "model.generate(..., relevance_frames=[frames of each image/video])")
+    from .frames import as_scorer_frames
+
+    return scorer.score(question, as_scorer_frames(pixels, what="relevance frames"), tuple(grid))
+
+
+def _frames_source(adapter, modality, kwargs, index, relevance_frames, position):
+    """A zero-argument callable giving item ``index``'s frames for the scorer: the caller's
+    ``relevance_frames[position]`` when given, else ``adapter.item_frames`` (run only if a scorer asks)."""
+    if relevance_frames is not None and position < len(relevance_frames) \
+            and relevance_frames[position] is not None:
+        given = relevance_frames[position]
+        return lambda: given
+    return lambda: adapter.item_frames(modality, kwargs, index)
 
 
 def _question_for(question, row):

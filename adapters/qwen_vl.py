@@ -74,6 +74,26 @@ class QwenVLAdapter(FamilyAdapter):
         feats, grids = self._checked(modality, out, grid_thw)
         return EncodedItems(feats, grids, [f.shape[0] for f in feats])
 
+    def item_frames(self, modality: str, kwargs: dict, index: int):
+        """Frames rebuilt from the flattened patches (``frames.qwen_frames``): an image as one frame, a
+        video with all its frames (its last frame repeated if the processor padded the count to a
+        multiple of the temporal patch)."""
+        from .frames import denormalise, pixel_processor, qwen_frames
+
+        pixels = kwargs.get(self.trigger_keys[modality])
+        grid_thw = kwargs.get(self._grid_key[modality])
+        if not isinstance(pixels, torch.Tensor) or grid_thw is None:
+            return None
+        counts = grid_thw.prod(-1).tolist()
+        start = sum(counts[:index])
+        vision = self.model.config.vision_config
+        frames = qwen_frames(pixels[start:start + counts[index]], grid_thw[index].tolist(),
+                             patch_size=int(vision.patch_size), merge_size=int(vision.spatial_merge_size),
+                             temporal_patch_size=int(vision.temporal_patch_size))
+        if modality == "image":
+            frames = frames[:1]   # the other temporal_patch_size - 1 frames are copies
+        return denormalise(frames, pixel_processor(self.processor, modality), what=f"{modality} {index}")
+
     def _checked(self, modality: str, out, grid_thw):
         feats = list(out.pooler_output)
         grids = self.token_grids(grid_thw)

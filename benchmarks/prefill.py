@@ -23,12 +23,15 @@ What is timed (wall clock, ``time.perf_counter``; CPU time too, in the CSV):
     compression   ``vlmcompress.adapters.pipeline.prepare_inputs`` (what a patched ``generate()``
                   runs before the model) with the encoder's output cached, so it is everything
                   vlmcompress adds: finding placeholders, operators (``compress_item``), V2PE/centroid
-                  positions, shrinking and packing the sequence. Median of ``--compress-repeats``.
-                  The CSV splits it into operators / position map / new positions / the rest.
+                  positions, shrinking and packing the sequence. Median of ``--compress-repeats``
+                  per round. The CSV splits it into operators / position map / new positions / rest.
     LLM prefill   one forward of the LLM with the compressed inputs (``mm_encoder_outputs`` +
                   shorter ``input_ids`` + ``position_ids``; ``use_cache=True``, ``logits_to_keep=1``):
-                  exactly the first step of ``generate()``. Median of ``--repeats`` warm runs
-                  (fewer when a setting's runs pass ``--max-seconds``, never fewer than 2).
+                  exactly the first step of ``generate()``. Median of ``--repeats`` warm runs.
+                  The runs are taken in rounds over all settings (one prefill of each per round,
+                  alternating direction), after a cold run of each, so a change in the load of a
+                  shared machine affects every setting alike. CPU time (``process_time``) is
+                  recorded too: its speedup column is the cross-check when the load changes.
     ideal         FLOPs(L_before) / FLOPs(L_after) of the Qwen2 prefill with the real dimensions:
                   per layer 2·L·(q,k,v,o + 3 MLP matrices) + causal attention 4·L(L+1)/2·(heads·head_dim),
                   plus the LM head on one token. Measured speedup / ideal is the efficiency.
@@ -85,16 +88,17 @@ class Setting:
 
 
 def settings(args) -> list[Setting]:
-    """The rows: baseline, each stage alone, then stages combined (about 10 % of the visual tokens)."""
+    """The rows: baseline, each stage alone, then the stages combined at about 10 % of the visual tokens."""
     rows = [Setting("none (ratio 1)", {})]
     rows += [Setting(f"pool {r:g}", {"keep_ratio": r}) for r in (0.5, 0.25, 0.1)]
     rows.append(Setting("temporal keep 0.5", {"temporal_keep": 0.5}))
-    rows.append(Setting("ToMe in tower 0.5 (stage A)", {"vision_keep": 0.5}))
-    rows.append(Setting("temporal 0.5 + pool 0.2", {"temporal_keep": 0.5, "keep_ratio": 0.2}))
-    rows.append(Setting("temporal 0.5 + pool 0.2 + V2PE 1/4", {"temporal_keep": 0.5, "keep_ratio": 0.2,
-                                                                "v2pe_delta": 0.25}))
-    rows.append(Setting("A 0.5 + temporal 0.5 + pool 0.4", {"vision_keep": 0.5, "temporal_keep": 0.5,
-                                                             "keep_ratio": 0.4}))
+    # LLaVA-OV's stage A is tower-only (TowerOnlyMerge): the tower runs on fewer tokens, its output is
+    # spread back to every patch for the family's 2x2 pooling, so the LLM reads the usual count.
+    rows.append(Setting("ToMe in tower 0.5 (stage A)", {"vision_keep": 0.5}, "LLM reads all tokens"))
+    ten = {"temporal_keep": 0.5, "keep_ratio": 0.16}        # 149 of 1568 at 8 frames, 274 of 3136 at 16
+    rows.append(Setting("temporal 0.5 + pool 0.16", dict(ten)))
+    rows.append(Setting("temporal 0.5 + pool 0.16 + V2PE 1/4", dict(ten, v2pe_delta=0.25)))
+    rows.append(Setting("A 0.5 + temporal 0.5 + pool 0.16 + V2PE 1/4", dict(ten, vision_keep=0.5, v2pe_delta=0.25)))
     if args.only:
         rows = [r for r in rows if r.name == rows[0].name or any(o in r.name for o in args.only)]
     return rows
@@ -137,20 +141,6 @@ def measure_memory(fn):
     finally:
         _mallopt(32 * 2 ** 20)
     return out, peak, wall
-
-
-def timed(fn, repeats: int, max_seconds: float):
-    """Median wall and CPU seconds of up to ``repeats`` calls (at least 2; stop early past ``max_seconds``)."""
-    walls, cpus = [], []
-    start = time.perf_counter()
-    for i in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-        if i >= 1 and time.perf_counter() - start > max_seconds:
-            break
-    return statistics.median(walls), statistics.median(cpus), len(walls)
 
 
 # --- model, processor, inputs -----------------------------------------------------------------------
@@ -219,50 +209,53 @@ def prefill_flops(length: int, text, vocab: int) -> float:
 
 # --- the compression step, with a breakdown --------------------------------------------------------
 
-@dataclass
-class Breakdown:
-    """Seconds spent in the named pipeline functions during one ``prepare_inputs`` call."""
-
-    times: dict = field(default_factory=dict)
-
-    def wrap(self, module, name: str):
-        original = getattr(module, name)
-
-        def timed_call(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return original(*a, **k)
-            finally:
-                self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-
-        setattr(module, name, timed_call)
-        return original
+_PARTS = ("compress_item", "_position_map", "_new_positions")
 
 
-def compression_step(adapter, config, inputs, encoded, repeats: int):
-    """Run ``prepare_inputs`` with the encoder's output cached. Returns ``(new_kwargs, report, ms, parts_ms, peak_mb)``."""
-    from vlmcompress.adapters import pipeline
+class CompressionStep:
+    """``prepare_inputs`` for one setting with the encoder's output cached, timed with a breakdown of
+    the named pipeline functions (operators, V2PE/centroid position map, new positions)."""
 
-    adapter.encode = lambda modality, kwargs: encoded[modality]      # instance attribute: no encoder run
-    names = ("compress_item", "_position_map", "_new_positions")
-    bd = Breakdown()
-    originals = {n: bd.wrap(pipeline, n) for n in names}
-    try:
-        (new_kwargs, report), peak, _ = measure_memory(lambda: pipeline.prepare_inputs(adapter, config, dict(inputs)))
-        walls, parts = [], {n: [] for n in names}
-        for _ in range(repeats):
-            bd.times.clear()
-            t0 = time.perf_counter()
-            pipeline.prepare_inputs(adapter, config, dict(inputs))
-            walls.append(time.perf_counter() - t0)
-            for n in names:
-                parts[n].append(bd.times.get(n, 0.0))
-    finally:
+    def __init__(self, adapter, config, inputs, encoded):
+        self.adapter, self.config, self.inputs, self.encoded = adapter, config, inputs, encoded
+        self.walls, self.parts = [], {n: [] for n in _PARTS}
+
+    def __call__(self, record: bool = True):
+        from vlmcompress.adapters import pipeline
+
+        times: dict[str, float] = {}
+        originals = {n: getattr(pipeline, n) for n in _PARTS}
+
+        def timer(name, fn):
+            def call(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+            return call
+
+        encoded = self.encoded
+        self.adapter.encode = lambda modality, kwargs: encoded[modality]   # instance attribute: no encoder run
         for n, fn in originals.items():
-            setattr(pipeline, n, fn)
-        del adapter.encode
-    ms = statistics.median(walls) * 1e3
-    return new_kwargs, report, ms, {n: statistics.median(v) * 1e3 for n, v in parts.items()}, peak
+            setattr(pipeline, n, timer(n, fn))
+        try:
+            t0 = time.perf_counter()
+            out = pipeline.prepare_inputs(self.adapter, self.config, dict(self.inputs))
+            wall = time.perf_counter() - t0
+        finally:
+            for n, fn in originals.items():
+                setattr(pipeline, n, fn)
+            del self.adapter.encode
+        if record:
+            self.walls.append(wall)
+            for n in _PARTS:
+                self.parts[n].append(times.get(n, 0.0))
+        return out
+
+    def medians_ms(self) -> tuple[float, dict]:
+        return (statistics.median(self.walls) * 1e3,
+                {n: statistics.median(v) * 1e3 for n, v in self.parts.items()})
 
 
 # --- main ---------------------------------------------------------------------------------------------
@@ -291,10 +284,9 @@ def _log(msg: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=8, help="video frames (LLaVA-OV samples 8-32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed LLM prefill runs per setting (median)")
-    p.add_argument("--max-seconds", type=float, default=40.0,
-                   help="stop repeating a setting after this many seconds of timed runs (at least 2 runs)")
-    p.add_argument("--compress-repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds over all settings; each round runs every LLM prefill once (median)")
+    p.add_argument("--compress-repeats", type=int, default=2, help="timed compression steps per setting and round")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--vocab", type=int, default=8192, help="LM vocabulary (real: 151936)")
     p.add_argument("--vision-layers", type=int, default=26)
@@ -304,7 +296,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.vision_layers, args.llm_layers, args.repeats = 2, 2, 2
+        args.vision_layers, args.llm_layers, args.repeats = 2, 2, 1
     load_start = _load()
 
     import transformers
@@ -329,58 +321,67 @@ def main(argv=None) -> int:
     base_encoded, vision_mb, vision_s = measure_memory(encode)
     _log(f"vision tower + projector: {vision_s:.1f} s, +{vision_mb:.0f} MB")
 
-    rows, baseline = [], None
+    # Pass 1, per setting: stage-A encode if any, the compressed inputs, a cold prefill (memory, warm-up).
+    rows, cases = [], []
     for s in settings(args):
         config = vc.CompressionConfig(**s.config)
         row = dict(setting=s.name, config=" ".join(f"{k}={v}" for k, v in s.config.items()) or "-", note=s.note)
+        rows.append(row)
         encoded, row["vision_s"], row["vision_peak_mb"] = base_encoded, vision_s, vision_mb
-        if config.compresses_vision:
-            try:
+        try:
+            if config.compresses_vision:
                 adapter.install(config)
                 try:
                     encoded, row["vision_peak_mb"], row["vision_s"] = measure_memory(encode)
                 finally:
                     adapter.uninstall()
-            except Exception as e:                      # stage A not wired for this family (yet)
-                row["note"] = f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                rows.append(row)
-                _log(f"{s.name}: {row['note']}")
-                continue
-        try:
-            new_kwargs, report, comp_ms, parts, comp_mb = compression_step(adapter, config, inputs, encoded,
-                                                                           args.compress_repeats)
-        except Exception as e:
-            row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            rows.append(row)
+            step = CompressionStep(adapter, config, inputs, encoded)
+            (new_kwargs, report), row["compression_peak_mb"], _ = measure_memory(lambda: step(record=False))
+        except Exception as e:                          # e.g. stage A not wired for this family (yet)
+            row["note"] = f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
             _log(f"{s.name}: {row['note']}")
             continue
 
-        def prefill():
+        def prefill(kw=new_kwargs):
             with torch.inference_mode():
-                return model(**new_kwargs, use_cache=True, logits_to_keep=1)
+                return model(**kw, use_cache=True, logits_to_keep=1)
 
-        out, llm_mb, _ = measure_memory(prefill)        # cold run: memory, and the warm-up
+        out, row["llm_peak_mb"], cold = measure_memory(prefill)
         if not torch.isfinite(out.logits).all():
             raise RuntimeError(f"{s.name}: non-finite logits")
         del out
-        wall, cpu, runs = timed(prefill, args.repeats, args.max_seconds)
         row.update(visual_tokens=report.visual_before, visual_after=report.visual_after,
-                   prefill_before=report.prefill_before[0], prefill_after=report.prefill_after[0],
-                   llm_prefill_s=wall, llm_prefill_cpu_s=cpu, llm_runs=runs, compression_ms=comp_ms,
+                   prefill_before=report.prefill_before[0], prefill_after=report.prefill_after[0])
+        cases.append((row, step, prefill, [], []))
+        _log(f"{s.name}: {row['prefill_after']} prefill tokens, cold prefill {cold:.1f} s")
+
+    # Pass 2: timed rounds over all settings (alternating direction), so a change in the load of this
+    # shared machine hits every setting alike instead of whichever setting happened to run then.
+    for i in range(args.repeats):
+        for row, step, prefill, walls, cpus in (cases if i % 2 == 0 else cases[::-1]):
+            for _ in range(args.compress_repeats):
+                step()
+            w0, c0 = time.perf_counter(), time.process_time()
+            prefill()
+            walls.append(time.perf_counter() - w0)
+            cpus.append(time.process_time() - c0)
+        _log(f"round {i + 1}/{args.repeats} done, load {_load()}")
+
+    baseline = None
+    for row, step, prefill, walls, cpus in cases:
+        comp_ms, parts = step.medians_ms()
+        wall, cpu = statistics.median(walls), statistics.median(cpus)
+        row.update(llm_prefill_s=wall, llm_prefill_cpu_s=cpu, llm_runs=len(walls), compression_ms=comp_ms,
                    operators_ms=parts["compress_item"], position_map_ms=parts["_position_map"],
                    new_positions_ms=parts["_new_positions"], compression_pct=100 * comp_ms / 1e3 / wall,
-                   compression_peak_mb=comp_mb, llm_peak_mb=llm_mb)
-        if baseline is None:
-            baseline = row
+                   ttft_s=row["vision_s"] + comp_ms / 1e3 + wall)
+        baseline = baseline or row
         row["speedup"] = baseline["llm_prefill_s"] / wall
         row["cpu_speedup"] = baseline["llm_prefill_cpu_s"] / cpu
-        row["ttft_s"] = row["vision_s"] + comp_ms / 1e3 + wall
-        row["ttft_speedup"] = baseline["ttft_s"] / row["ttft_s"] if "ttft_s" in baseline else 1.0
+        row["ttft_speedup"] = baseline["ttft_s"] / row["ttft_s"]
         row["ideal"] = (prefill_flops(baseline["prefill_after"], text_cfg, args.vocab)
                         / prefill_flops(row["prefill_after"], text_cfg, args.vocab))
         row["efficiency"] = row["speedup"] / row["ideal"]
-        rows.append(row)
-        _log(f"{s.name}: {row['prefill_after']} tokens, LLM {wall:.2f} s ({runs} runs), compression {comp_ms:.1f} ms")
 
     load_end = _load()
     common = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine=_machine(),
@@ -421,7 +422,8 @@ def print_table(rows, args) -> None:
         if "llm_prefill_s" not in r:
             print(f"| {r['setting']} | {r['note']} | | | | | | | | | | | | |")
             continue
-        print(f"| {r['setting']} | {r['visual_after']} / {r['visual_tokens']} | {r['prefill_after']} | "
+        name = f"{r['setting']} ({r['note']})" if r.get("note") else r["setting"]
+        print(f"| {name} | {r['visual_after']} / {r['visual_tokens']} | {r['prefill_after']} | "
               f"{r['llm_prefill_s']:.2f} | {r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x | {r['ideal']:.2f}x | "
               f"{100 * r['efficiency']:.0f} % | {r['compression_ms']:.1f} | {r['compression_pct']:.2f} % | "
               f"{r['llm_peak_mb']:.0f} | {r['vision_s']:.1f} | {r['ttft_s']:.1f} | {r['ttft_speedup']:.2f}x |")

@@ -28,8 +28,24 @@ class CompressionConfig:
         budget_method: ``"pool"`` (prompt-guided pooling on the token grid, PPLLaVA) or ``"merge"``
             (bipartite merging; used automatically where the features are no plain grid).
         pool_tau: temperature of the per-window relevance softmax (0.01 in PPLLaVA).
-        relevance: ``None`` for plain average pooling, or a scorer object with a
-            ``score_features(question, features, grid)`` / ``score(question, frames, target_grid)`` method.
+        relevance: ``None`` for plain average pooling, or a scorer that weights pooling by the user's
+            question (PPLLaVA). It guides ``budget_method="pool"`` only, and only items whose tokens form a
+            ``T×H×W`` grid; grid-less items (any-res tiled images, tokens merged in the vision tower) are
+            merged to the budget by bipartite matching, without relevance. A scorer implements one of:
+
+            - ``score(question: str, frames, target_grid) -> [1, T*H*W]`` — scores *pixels*, e.g.
+              :class:`vlmcompress.ClipRelevanceScorer` (a CLIP, whose space the VLM's features are not
+              in). ``frames`` is ``[T', H', W', 3]`` (float in 0-1, or the caller's uint8) and
+              ``target_grid`` the item's ``(T, H, W)`` token grid, onto which the scorer maps its own
+              grid (``resize_relevance``). The frames are the item's processor pixels with the
+              normalisation undone (needs ``patch(..., processor=)``), or the caller's
+              ``generate(..., relevance_frames=[one per image/video])``.
+            - ``score_features(question: str, features [1, N, C], grid) -> [1, N]`` — scores the VLM's
+              own projected features (``N = T*H*W``), for a scorer that lives in that space.
+
+            If a scorer has both, ``score`` is used. The question is ``generate(..., question=)`` or,
+            with ``patch(..., processor=)``, the prompt's text after the last image/video without the
+            chat template; relevance without a question is an error.
     Stage C, positions in the LLM:
         v2pe_delta: V2PE step of a visual token (1 = the model's own positions).
         llm_proportional_attention: log-size key bias for merged visual tokens in the LLM (off by default).
@@ -73,9 +89,8 @@ class CompressionConfig:
         for flag in ("proportional_attention", "llm_proportional_attention"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if self.relevance is not None and not (hasattr(self.relevance, "score_features") or hasattr(self.relevance, "score")):
-            raise TypeError("relevance must be None or a scorer with a score_features()/score() method, "
-                            f"e.g. vlmcompress.ClipRelevanceScorer; got {type(self.relevance).__name__}")
+        if self.relevance is not None:
+            _check_scorer(self.relevance, self.budget_method)
 
     @property
     def compresses_vision(self) -> bool:
@@ -110,6 +125,19 @@ class CompressionConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def _check_scorer(scorer, budget_method: str) -> None:
+    if isinstance(scorer, type):
+        raise TypeError(f"relevance must be a scorer instance, got the class {scorer.__name__}; e.g. "
+                        "vlmcompress.ClipRelevanceScorer.from_pretrained(...) or vlmcompress.tiny_clip_scorer()")
+    if not (callable(getattr(scorer, "score", None)) or callable(getattr(scorer, "score_features", None))):
+        raise TypeError("relevance must be None or a scorer with a score(question, frames, target_grid) or "
+                        "score_features(question, features, grid) method, e.g. vlmcompress.ClipRelevanceScorer; "
+                        f"got {type(scorer).__name__}")
+    if budget_method != "pool":
+        raise ValueError(f"relevance guides prompt-guided pooling only, but budget_method={budget_method!r}; "
+                         "use budget_method='pool' or relevance=None")
 
 
 def _fraction(name: str, value) -> None:
