@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Two commands on a fresh machine: `make demo` (the main job: the web demo) and `make test`.
 # Each creates .venv at the repository root and installs into it on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch 2.14.1 + torchvision 0.29.1 is the pair that imports together here (open-clip needs torchvision).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench install clean
+.PHONY: demo compare test bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -P -m vlmcompress.demo.app $(ARGS)
+
+compare: $(STAMP)
 	$(PY) -P -m vlmcompress.demo $(ARGS)
 
 test: $(STAMP)
