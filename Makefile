@@ -28,9 +28,9 @@ test: $(STAMP)
 	$(PY) -P -m pytest -q -n 2 $(ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/ops.py
-	$(PY) benchmarks/kernels.py
-	$(PY) benchmarks/prefill.py
+	$(PY) -P benchmarks/ops.py
+	$(PY) -P benchmarks/kernels.py
+	$(PY) -P benchmarks/prefill.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

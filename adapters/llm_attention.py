@@ -69,7 +69,7 @@ class LlmProportionalAttention:
     def __init__(self, language_model: torch.nn.Module) -> None:
         self.language_model = language_model
         self.modules = check_llm_attention(language_model)
-        self._armed: torch.Tensor | None = None   # [B, L'] sizes for the next fresh sequence
+        self._armed: torch.Tensor | None = None   # [B, L'] sizes for the next LLM call (set by the patch handle)
         self._bias: torch.Tensor | None = None    # [B, L'] fp32 log sizes of the current sequence, None = no bias
         self._memo: dict = {}                     # per forward: padded bias per (batch, kv, offset, dtype, device)
         self._handles = [language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True)]

@@ -74,7 +74,8 @@ def _replay(model, calls, log_size):
         for call in calls:
             kwargs = {k: v for k, v in call.items() if k != "use_cache"}
             x = kwargs["inputs_embeds"]
-            kwargs["attention_mask"] = _mask(call["attention_mask"], cache.get_seq_length(), x.shape[1], log_size, x.dtype)
+            past = cache.get_seq_length()
+            kwargs["attention_mask"] = _mask(call["attention_mask"], past, x.shape[1], log_size, x.dtype)
             hidden = lm(**kwargs, cache=cache, use_cache=True).last_hidden_state
             out.append(model.lm_head(hidden))
     return out
