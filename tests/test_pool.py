@@ -388,3 +388,16 @@ def test_bad_inputs_raise_clear_errors():
         prompt_guided_pool(bad, grid, (1, 2, 2))
     with pytest.raises(TypeError, match="TokenState"):
         prompt_guided_pool(state.x, grid, (1, 2, 2))
+
+
+def test_grid_for_budget_avoids_near_whole_axis_windows():
+    # 256 frames -> 143 would give stride 1 and a 114-frame kernel (PPLLaVA's rule just above I/2).
+    out = grid_for_budget((256, 8, 8), int(0.16 * 256 * 64))
+    assert out[0] in (128, 256) or out[0] >= 249
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        grid = tuple(int(v) for v in torch.randint(1, 300, (3,), generator=g))
+        budget = int(torch.randint(1, math.prod(grid) + 1, (1,), generator=g))
+        for i, o in zip(grid, grid_for_budget(grid, budget)):
+            kernel, stride = pool_kernel_stride(i, o)
+            assert o == i or kernel <= max(2 * stride, 8), (grid, budget, i, o, kernel)

@@ -96,9 +96,13 @@ def grid_for_budget(grid, budget: int, *, keep_time: bool = False) -> tuple[int,
        combination with one axis instead raised (or lowered) to the most the budget allows. Among those
        that fit, the winner maximises ``log(T'·H'·W') − Σ_a (log o_a − log e_a)²`` (more tokens,
        close to the ideal shape); ties go to the lexicographically largest ``(T', H', W')``.
-    4. Greedy fill of what rounding left over: repeatedly grow by one the axis furthest below its ideal
-       (smallest ``o_a / e_a``, ties to the earlier axis) among those that can still grow within the
-       budget and the input size, until none can.
+    4. Greedy fill of what rounding left over: repeatedly grow to its next allowed size the axis furthest
+       below its ideal (smallest ``o_a / e_a``, ties to the earlier axis) among those that can still grow
+       within the budget and the input size, until none can.
+
+    Only sizes whose pooling windows span at most ``max(2·stride, 8)`` positions, or that keep the whole
+    axis, are allowed (see ``_pool_friendly_sizes``): just above half a long axis, PPLLaVA's kernel/stride
+    rule would average almost the whole axis into every token.
 
     The result keeps the per-axis reduction ratios nearly equal; it is not always the grid with the
     largest possible product (``(1, 24, 24)`` with budget 23 gives ``(1, 5, 4)``, not ``(1, 1, 23)``).
@@ -144,13 +148,16 @@ def _fit_axes(sizes: tuple[int, ...], budget: int) -> tuple[int, ...]:
     # Candidates: every axis within one of the floor/ceiling of its ideal, and the same with one axis
     # instead filled to the most the budget allows (rounding can leave a size-2 axis at 1 and waste
     # half the budget; filling another axis recovers it). At most 4^3·4 = 256 candidates.
-    options = [sorted({max(1, min(s, v)) for v in range(math.floor(e) - 1, math.ceil(e) + 2)}) for s, e in zip(sizes, target)]
+    allowed = [_pool_friendly_sizes(s) for s in sizes]
+    options = [_near(sizes_a, e) for sizes_a, e in zip(allowed, target)]
     candidates = set()
     for c in _product(options):
         candidates.add(c)
         for a in range(len(sizes)):
             rest = math.prod(c) // c[a]
-            candidates.add(c[:a] + (min(sizes[a], budget // rest),) + c[a + 1:])
+            fill = [o for o in allowed[a] if o <= budget // rest]
+            if fill:
+                candidates.add(c[:a] + (fill[-1],) + c[a + 1:])
     candidates = [c for c in candidates if min(c) >= 1 and math.prod(c) <= budget]
 
     def key(c):
@@ -166,11 +173,38 @@ def _fit_axes(sizes: tuple[int, ...], budget: int) -> tuple[int, ...]:
     while True:
         order = sorted(range(len(sizes)), key=lambda a: (best[a] / target[a], a))
         for a in order:
-            if best[a] < sizes[a] and math.prod(best) // best[a] * (best[a] + 1) <= budget:
-                best[a] += 1
+            bigger = [o for o in allowed[a] if o > best[a]]
+            if bigger and math.prod(best) // best[a] * bigger[0] <= budget:
+                best[a] = bigger[0]
                 break
         else:
             return tuple(best)
+
+
+def _pool_friendly_sizes(in_size: int) -> list[int]:
+    """Output sizes allowed on an axis of ``in_size``: the whole axis, or windows of at most
+    ``max(2·stride, 8)`` positions.
+
+    PPLLaVA's ``stride = I // O, kernel = I − (O − 1)·stride`` degenerates when ``O`` is just above
+    ``I / 2``: stride 1 and a kernel of ``I − O + 1`` (256 frames → 143 averages 114 frames into every
+    token, and took 10.9 s to pool in benchmarks/prefill.py). Such sizes are skipped; the cap of 8 keeps
+    mild reductions of short axes (24 → 20: kernel 5) available.
+    """
+    sizes = []
+    for o in range(1, in_size + 1):
+        stride = in_size // o
+        if o == in_size or in_size - (o - 1) * stride <= max(2 * stride, 8):
+            sizes.append(o)
+    return sizes
+
+
+def _near(allowed: list[int], ideal: float) -> list[int]:
+    """The allowed sizes within one of the ideal's floor/ceiling, and the nearest one on either side."""
+    lo, hi = math.floor(ideal) - 1, math.ceil(ideal) + 1
+    near = [o for o in allowed if lo <= o <= hi]
+    below = [o for o in allowed if o < lo]
+    above = [o for o in allowed if o > hi]
+    return sorted(set(near + below[-1:] + above[:1]))
 
 
 def _product(options: list[list[int]]):
