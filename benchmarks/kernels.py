@@ -33,15 +33,13 @@ import csv
 import ctypes
 import datetime as dt
 import gc
-import os
-import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from vlmcompress.testing.bench import machine as _machine, status_kb as _status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.csv"
 FIELDS = ["date", "machine", "device", "torch", "triton", "threads", "op", "workload", "B", "N", "C", "M",
@@ -92,10 +90,6 @@ def tome_dst(n: int, unm_idx, src_idx, dst_idx) -> torch.Tensor:
 
 
 # --- measuring -----------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
 
 
 class Meter:
@@ -214,18 +208,6 @@ def run_match(w, args, use_triton):
 
         impls["triton"] = lambda: best_match_triton(a, b)
     return b.shape[1], impls, "full"
-
-
-def _machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu} x{os.cpu_count()}"
 
 
 def main(argv=None) -> int:

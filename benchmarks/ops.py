@@ -33,13 +33,12 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from vlmcompress.testing.bench import machine as _machine, mallopt as _mallopt, status_kb as _status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ops.csv"
 FIELDS = ["date", "machine", "device", "torch", "threads", "op", "tokens", "channels", "frames", "removed",
@@ -48,31 +47,6 @@ FIELDS = ["date", "machine", "device", "torch", "threads", "op", "tokens", "chan
 
 
 # --- child: one operator at one size, full and blocked ------------------------------------------
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def _mallopt(mmap_threshold: int) -> None:
-    """Pin glibc's mmap threshold (no-op off glibc).
-
-    128 KiB while measuring memory: every large buffer is a fresh mapping, returned on free, so peak
-    RSS sees it and no freed heap memory is silently reused. 32 MiB (glibc's own ceiling) while
-    timing: mid-size buffers are reused from the heap as in a long-running process.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
-        libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
 
 
 class _Meter:
@@ -176,19 +150,6 @@ def run_case(case: dict) -> dict:
 
 
 # --- parent: cases, table, CSV ---------------------------------------------------------------------
-
-def _machine(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu} x{os.cpu_count()}"
 
 
 def _cases(args) -> list[dict]:

@@ -21,9 +21,6 @@ import argparse
 import csv
 import datetime as dt
 import math
-import os
-import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +31,7 @@ import torch.nn.functional as F
 from vlmcompress.pool import grid_for_budget, pool_kernel_stride, prompt_guided_pool
 from vlmcompress.relevance import resize_relevance
 from vlmcompress.state import TokenState
+from vlmcompress.testing.bench import machine as _machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pool.csv"
 FIELDS = ["date", "machine", "device", "torch", "threads", "grid", "out_grid", "kernel", "channels", "dtype",
@@ -46,18 +44,6 @@ CASES = [
     ("video 16x24x24 -> 1024", (16, 24, 24), 1024, False),
     ("video 32x27x27 -> 2048", (32, 27, 27), 2048, False),
 ]
-
-
-def _machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu} x{os.cpu_count()}"
 
 
 def _timed(fn, repeats: int, sync) -> float:

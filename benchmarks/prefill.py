@@ -62,8 +62,6 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -72,6 +70,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from vlmcompress.testing.bench import machine as _machine, mallopt as _mallopt, status_kb as _status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefill.csv"
 FIELDS = ["date", "machine", "cpus", "threads", "torch", "transformers", "load_start", "load_end", "dtype",
@@ -117,26 +116,6 @@ def settings(args) -> list[Setting]:
 
 
 # --- memory ---------------------------------------------------------------------------------------
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def _mallopt(mmap_threshold: int) -> None:
-    """Pin glibc's mmap threshold (no-op off glibc): 128 KiB while measuring memory, 32 MiB while timing."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
-        libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _status_kb(name: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{name}:\s+(\d+)", f.read()).group(1))
 
 
 def measure_memory(fn):
@@ -275,15 +254,6 @@ class CompressionStep:
 
 
 # --- main ---------------------------------------------------------------------------------------------
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu} x{os.cpu_count()}"
 
 
 def _load() -> str:

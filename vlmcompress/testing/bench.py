@@ -1,0 +1,48 @@
+"""Shared plumbing of the scripts in ``benchmarks/``: machine name, and the Linux counters they read
+peak memory from."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def machine(device: str = "cpu") -> str:
+    """The GPU's name for a CUDA device, else the CPU model and core count (for the CSV rows)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    return f"{cpu} x{os.cpu_count()}"
+
+
+def mallopt(mmap_threshold: int) -> None:
+    """Pin glibc's mmap threshold (no-op off glibc).
+
+    128 KiB while measuring memory: every large buffer is a fresh mapping, returned on free, so peak
+    RSS sees it and no freed heap memory is silently reused. 32 MiB (glibc's own ceiling) while
+    timing: mid-size buffers are reused from the heap as in a long-running process.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
+        libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def status_kb(name: str) -> int:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{name}:\s+(\d+)", f.read()).group(1))
