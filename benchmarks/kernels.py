@@ -29,7 +29,6 @@ count. Times: median (p20, p80) of warm runs; ratios are compared within one run
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import datetime as dt
 import gc
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from vlmcompress.testing.bench import machine as _machine, status_kb as _status_kb
+from vlmcompress.testing.bench import append_csv, machine as _machine, status_kb as _status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.csv"
 FIELDS = ["date", "machine", "device", "torch", "triton", "threads", "op", "workload", "B", "N", "C", "M",
@@ -271,14 +270,7 @@ def main(argv=None) -> int:
     print("\nbase: tome (merge), full (match). max err: merge = max |x_out - reference|; match = max |score - full| "
           "or the share of differing indices, whichever is larger.")
     if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"\nappended {len(rows)} rows to {RESULTS}")
+        print(f"\nappended {append_csv(RESULTS, FIELDS, rows)} rows to {RESULTS}")
     return 0
 
 

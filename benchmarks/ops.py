@@ -29,7 +29,6 @@ Ratios are only compared within one run (DESIGN.md §5).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
@@ -38,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from vlmcompress.testing.bench import machine as _machine, mallopt as _mallopt, status_kb as _status_kb
+from vlmcompress.testing.bench import append_csv, machine as _machine, mallopt as _mallopt, status_kb as _status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ops.csv"
 FIELDS = ["date", "machine", "device", "torch", "threads", "op", "tokens", "channels", "frames", "removed",
@@ -212,14 +211,7 @@ def main(argv=None) -> int:
 
     _print_table(rows, machine, args)
     if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with open(RESULTS, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(r for _, r in rows)
-        print(f"\nappended {len(rows)} rows to {RESULTS}")
+        print(f"\nappended {append_csv(RESULTS, FIELDS, (r for _, r in rows))} rows to {RESULTS}")
     return 0
 
 

@@ -18,7 +18,6 @@ Only ratios within one run are compared (DESIGN.md §5).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import math
 import statistics
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from vlmcompress.pool import grid_for_budget, pool_kernel_stride, prompt_guided_pool
 from vlmcompress.relevance import resize_relevance
 from vlmcompress.state import TokenState
-from vlmcompress.testing.bench import machine as _machine
+from vlmcompress.testing.bench import append_csv, machine as _machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pool.csv"
 FIELDS = ["date", "machine", "device", "torch", "threads", "grid", "out_grid", "kernel", "channels", "dtype",
@@ -101,14 +100,7 @@ def main(argv=None) -> int:
         print(f"{label:<24}{r['out_grid']:>10}{r['kernel']:>9}{r['avg_pool3d_ms']:>12.2f}{r['pool_none_ms']:>11.2f}"
               f"{r['pool_rel_ms']:>10.2f}{r['resize_ms']:>9.2f}{r['rel_over_avg']:>9.2f}")
     if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(r for _, r in rows)
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        print(f"appended {append_csv(RESULTS, FIELDS, (r for _, r in rows))} rows to {RESULTS}")
     return 0
 
 

@@ -59,7 +59,6 @@ start and end is printed and stored so a noisy run can be recognised.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import statistics
@@ -70,7 +69,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from vlmcompress.testing.bench import machine as _machine, mallopt as _mallopt, status_kb as _status_kb
+from vlmcompress.testing.bench import append_csv, machine as _machine, mallopt as _mallopt, status_kb as _status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefill.csv"
 FIELDS = ["date", "machine", "cpus", "threads", "torch", "transformers", "load_start", "load_end", "dtype",
@@ -402,14 +401,8 @@ def main(argv=None) -> int:
     rows = [{**common, **r} for r in rows]
     print_table(rows, args)
     if not args.no_csv and not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with open(RESULTS, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows({k: _fmt(r.get(k)) for k in FIELDS} for r in rows)
-        print(f"\nappended {len(rows)} rows to {RESULTS}")
+        written = append_csv(RESULTS, FIELDS, ({k: _fmt(r.get(k)) for k in FIELDS} for r in rows))
+        print(f"\nappended {written} rows to {RESULTS}")
     return 0
 
 

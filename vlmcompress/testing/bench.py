@@ -46,3 +46,21 @@ def status_kb(name: str) -> int:
     """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``)."""
     with open("/proc/self/status") as f:
         return int(re.search(rf"{name}:\s+(\d+)", f.read()).group(1))
+
+
+def append_csv(path, fields: list[str], rows) -> int:
+    """Append ``rows`` (dicts) to the CSV at ``path``, writing the header when the file is new.
+    Returns how many rows were written."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    rows = list(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
