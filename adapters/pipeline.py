@@ -384,46 +384,21 @@ def _anchors(state: TokenState) -> torch.Tensor:
 
 def _position_map(positions: torch.Tensor, real: torch.Tensor, visual: torch.Tensor,
                   delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where every token of the uncompressed sequence goes in the new layout, V2PE rule per placeholder run.
+    """Where every token of the uncompressed sequence goes in the new layout: V2PE per placeholder run
+    (:func:`vlmcompress.positions.scale_visual_blocks` on the model's own positions).
 
-    A run that follows a token at original position ``p0`` (new ``p0'``) maps a placeholder at original
-    position ``c`` to ``p0' + δ(c - p0) = a + δc`` (``a = p0' - δp0``, the run's offset); the text after
-    the run, originally at ``P``, goes to ``ceil(p0' + δ(P - 1 - p0)) + 1`` and later text shifts with it.
-    The map does not depend on how many tokens compression keeps, so a compressed token is placed at the
-    centroid of its sources' *mapped* positions: ``δ·centroid + mean offset``. For an item inside one run
-    that is the run's affine map of the centroid; for an item spread over several runs (a Qwen3-VL video,
-    one run per frame group) each source keeps its own run's offset. With δ = 1 and nothing merged this is
-    the identity.
+    Inside a run the map is affine, ``δ·c + a`` (``a`` the run's offset), and it does not depend on how
+    many tokens compression keeps, so a compressed token is placed at the centroid of its sources'
+    *mapped* positions: ``δ·centroid + mean offset``. For an item inside one run that is the run's
+    affine map of the centroid; for an item spread over several runs (a Qwen3-VL video, one run per frame
+    group) each source keeps its own run's offset. With δ = 1 and nothing merged this is the identity.
 
     Returns ``(mapped [D, B, L], offset [B, L])`` (offset 0 outside placeholder runs).
     """
-    dims, batch, length = positions.shape
-    mapped = positions.clone()
-    offset = torch.zeros(batch, length, dtype=positions.dtype, device=positions.device)
-    for b in range(batch):
-        flags = visual[b].tolist()
-        shift = 0.0
-        i = 0
-        while i < length:
-            j = i
-            while j < length and flags[j] == flags[i]:
-                j += 1
-            if not flags[i]:
-                mapped[:, b, i:j] = positions[:, b, i:j] + shift
-                i = j
-                continue
-            p0 = float(positions[:, b, i].min()) - 1
-            p0_new = p0 + shift
-            a = p0_new - delta * p0
-            mapped[:, b, i:j] = a + delta * positions[:, b, i:j]
-            offset[b, i:j] = a
-            if j < length and real[b, j]:
-                after = float(positions[:, b, j].min())
-            else:
-                after = float(positions[:, b, i:j].max()) + 1
-            after_new = math.ceil(p0_new + delta * (after - 1 - p0)) + 1
-            shift = after_new - after
-            i = j
+    from vlmcompress.positions import scale_visual_blocks
+
+    mapped, _ = scale_visual_blocks(positions, visual, delta, attention_mask=real)
+    offset = torch.where(visual, mapped[0] - delta * positions[0].to(mapped), torch.zeros_like(mapped[0]))
     return mapped, offset
 
 

@@ -338,22 +338,24 @@ def test_mrope_delta_one_is_identity_qwen2_5_video_with_time_interval(qwen2_5_vl
     assert pos[0, 1, 1:7].tolist() == [1, 1, 5, 5, 9, 9]  # the layout this test relies on
     new, new_deltas = scale_visual_blocks(pos, TYPES != 0, 1.0)
     assert torch.equal(new, pos.double()) and torch.equal(new_deltas, deltas)
-    # delta 1/4: temporal offsets 0, 4, 8 -> 0, 1, 2; text after goes to ceil(1 + (2 - 1) / 4) + 1 = 3.
+    # delta 1/4: the block follows text at p0 = 0, so t = 1, 5, 9 -> 0 + (t - 0) / 4; Qwen's text after the
+    # block is at q = 3, now at ceil(0 + (3 - 1 - 0) / 4) + 1 = 2.
     new, new_deltas = scale_visual_blocks(pos, TYPES != 0, 0.25)
-    assert new[0, 1, 1:7].tolist() == [1, 1, 2, 2, 3, 3]
-    assert new[:, 1, 7:].tolist() == [[3, 4, 5, 6]] * 3
-    assert new_deltas[1].item() == 6 + 1 - 11
+    assert new[0, 1, 1:7].tolist() == [0.25, 0.25, 1.25, 1.25, 2.25, 2.25]
+    assert new[:, 1, 7:].tolist() == [[2, 3, 4, 5]] * 3
+    assert new_deltas[1].item() == 5 + 1 - 11
     assert new_deltas[1].item() < deltas[1].item()
 
 
 def test_mrope_image_block_scaled_by_hand(qwen2_vl):
     pos, deltas = _rope_index(qwen2_vl, TYPES)
     new, new_deltas = scale_visual_blocks(pos, TYPES != 0, 0.5)
-    # Image tokens start at s = 2 with h offsets 0,0,0,1,1,1 and w offsets 0,1,2,0,1,2.
-    assert new[0, 0, 2:8].tolist() == [2.0] * 6
-    assert new[1, 0, 2:8].tolist() == [2.0, 2.0, 2.0, 2.5, 2.5, 2.5]
-    assert new[2, 0, 2:8].tolist() == [2.0, 2.5, 3.0, 2.0, 2.5, 3.0]
-    # Qwen's text after the block is at s + 3 = 5 (block end e = 4); now ceil(2 + 0.5 * 2) + 1 = 4.
+    # Image tokens start at s = 2 (after text at p0 = 1) with h offsets 0,0,0,1,1,1 and w offsets 0,1,2,0,1,2:
+    # p0 + δ(p - p0) puts the first at 1.5, as V2PE's 1-D rule puts a block's first token at p0 + δ.
+    assert new[0, 0, 2:8].tolist() == [1.5] * 6
+    assert new[1, 0, 2:8].tolist() == [1.5, 1.5, 1.5, 2.0, 2.0, 2.0]
+    assert new[2, 0, 2:8].tolist() == [1.5, 2.0, 2.5, 1.5, 2.0, 2.5]
+    # Qwen's text after the block is at q = 5; now ceil(1 + 0.5 * (5 - 1 - 1)) + 1 = 4.
     assert new[:, 0, 8:].tolist() == [[4.0, 5.0, 6.0]] * 3
     assert new[:, 0, :2].tolist() == [[0.0, 1.0]] * 3
     assert new_deltas[0].item() == 6 + 1 - 11 and deltas[0].item() == 7 + 1 - 11
@@ -388,10 +390,18 @@ def test_mrope_batch_equals_singles(qwen2_vl):
 def test_mrope_bad_inputs():
     pos = torch.zeros(3, 1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="position_ids"):
-        scale_visual_blocks(torch.zeros(2, 1, 4, dtype=torch.long), mask(0, 1, 1, 0), 0.5)
+        scale_visual_blocks(torch.zeros(0, 1, 4, dtype=torch.long), mask(0, 1, 1, 0), 0.5)
     with pytest.raises(ValueError, match="visual_mask"):
         scale_visual_blocks(pos, mask(0, 1, 1), 0.5)
     with pytest.raises(ValueError, match="delta"):
         scale_visual_blocks(pos, mask(0, 1, 1, 0), 2.0)
     with pytest.raises(TypeError, match="position_ids"):
         scale_visual_blocks(pos.bfloat16(), mask(0, 1, 1, 0), 0.5)
+
+
+@pytest.mark.parametrize("delta", [1.0, 0.5, 0.25, 1 / 256], ids=lambda d: f"delta{d:g}")
+def test_scale_visual_blocks_on_1d_positions_equals_v2pe(delta):
+    visual = mask(0, 0, 1, 1, 1, 0, 1, 1, 0, 0)
+    pos = torch.arange(visual.shape[1]).expand_as(visual).unsqueeze(0)
+    scaled, _ = scale_visual_blocks(pos, visual, delta)
+    assert torch.equal(scaled[0], v2pe_position_ids(visual, delta))

@@ -12,9 +12,9 @@ Three operators:
 
 - :func:`v2pe_position_ids`: 1-D positions ``[B, L]`` for a sequence with visual tokens (LLaVA,
   InternVL and other families with plain RoPE).
-- :func:`scale_visual_blocks`: Qwen2-VL style 3-D M-RoPE positions ``[3, B, L]`` (as returned by the
-  model's own ``get_rope_index``) with each visual block's offsets scaled by δ, plus the matching
-  ``rope_deltas`` for decoding.
+- :func:`scale_visual_blocks`: the same rule applied to a model's own positions: Qwen2-VL style 3-D
+  M-RoPE positions ``[3, B, L]`` (as returned by ``get_rope_index``) or 1-D ``[1, B, L]``, plus the
+  matching ``rope_deltas`` for decoding. The adapters' pipeline places every token with it.
 - :func:`rotary_cos_sin`: ``cos``/``sin`` tables at float positions, in Hugging Face's
   ``rotate_half`` layout.
 """
@@ -276,26 +276,28 @@ def scale_visual_blocks(
     attention_mask: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """V2PE for M-RoPE: scale each visual block of Qwen2-VL style 3-D positions by δ.
+    """V2PE on a model's own positions: scale each visual block by δ (M-RoPE ``[3, B, L]`` or 1-D ``[1, B, L]``).
 
-    Takes the model's own positions (``position_ids, rope_deltas = model.get_rope_index(...)``) and,
-    over the real tokens of each sample in order:
+    Takes the model's own positions (for Qwen2-VL ``position_ids, rope_deltas = model.get_rope_index(...)``)
+    and applies the rule of :func:`v2pe_position_ids` over the real tokens of each sample in order:
 
-    - a visual block (maximal run of ``visual_mask``) whose first position is ``s`` (the smallest
-      value in the block over t/h/w; Qwen puts the first token at ``t = h = w = s``) keeps its start
-      and has its offsets scaled: ``p -> s' + δ·(p - s)`` on all three axes, where ``s'`` is ``s``
-      after the shifts of earlier blocks;
-    - the model's own layout puts the next token after the block at some ``q``; let ``e = q - 1`` be
-      the block's end as the model counts it (for an image this is the block's largest position; for a
-      Qwen2-VL video with more frames than rows/columns the model's text restarts below the temporal
-      maximum, and ``e`` keeps that convention). The next token goes to ``ceil(s' + δ·(e - s)) + 1``,
-      and every later token moves by the same integer shift;
+    - a visual block (maximal run of ``visual_mask``) whose first position is ``s`` (the smallest value
+      in the block over all axes; Qwen puts the first token at ``t = h = w = s``) follows a token at
+      ``p0 = s - 1``; with ``p0'`` that position after the shifts of earlier blocks, every position of
+      the block maps to ``p0' + δ·(p - p0)`` on every axis (so the first token sits at ``p0' + δ``, as in
+      the V2PE paper and :func:`v2pe_position_ids`);
+    - the model's own layout puts the next token after the block at some ``q``; it goes to
+      ``ceil(p0' + δ·(q - 1 - p0)) + 1``, and every later token moves by the same integer shift (for an
+      image ``q - 1`` is the block's largest position; for a Qwen2-VL video with more frames than
+      rows/columns the model's text restarts below the temporal maximum, and ``q`` keeps that convention);
     - text before the first block is unchanged; padded slots keep their input values (Qwen fills 0).
 
-    With ``δ = 1`` the output equals the input bit for bit and ``rope_deltas`` equals the model's.
+    With ``δ = 1`` the output equals the input bit for bit and ``rope_deltas`` equals the model's. On 1-D
+    positions ``0..L-1`` it equals :func:`v2pe_position_ids`.
 
     Args:
-        position_ids: ``[3, B, L]`` (t, h, w) positions, integer or float32/float64.
+        position_ids: ``[D, B, L]`` positions (D = 3 for M-RoPE's t/h/w, 1 for plain RoPE), integer or
+            float32/float64.
         visual_mask: ``[B, L]`` bool, True on image/video tokens (``mm_token_type_ids != 0``). Two
             visual blocks with no token between them count as one block.
         delta: step δ in ``(0, 1]``.
@@ -303,14 +305,14 @@ def scale_visual_blocks(
         dtype: float32 or float64 (default) of the returned positions.
 
     Returns:
-        ``(position_ids, rope_deltas)``: ``[3, B, L]`` of ``dtype``, and ``[B, 1]`` int64
+        ``(position_ids, rope_deltas)``: ``[D, B, L]`` of ``dtype``, and ``[B, 1]`` int64
         ``ceil(max position) + 1 - number of real tokens``, as Qwen2-VL's ``get_rope_index`` defines it
         (the ceil keeps decoding positions, ``cache position + rope_deltas``, integers; it changes
         nothing when the maximum is an integer).
     """
     check_tensor("position_ids", position_ids, ndim=3)
-    if position_ids.shape[0] != 3:
-        raise ValueError(f"position_ids must have shape [3, B, L] (t, h, w), got {tuple(position_ids.shape)}")
+    if position_ids.shape[0] < 1:
+        raise ValueError(f"position_ids must have shape [D, B, L] with D >= 1 (3 for t/h/w), got {tuple(position_ids.shape)}")
     if position_ids.dtype in (torch.float16, torch.bfloat16, torch.bool) or position_ids.is_complex():
         raise TypeError(f"position_ids must be integer or float32/float64, got {position_ids.dtype}")
     _, b, l = position_ids.shape
@@ -335,12 +337,12 @@ def scale_visual_blocks(
                 new[:, start:end] = pos[:, start:end] + shift
                 continue
             block = pos[:, start:end]
-            s = block.min().item()
-            s_new = s + shift
-            new[:, start:end] = s_new + delta * (block - s)
+            p0 = block.min().item() - 1.0
+            p0_new = p0 + shift
+            new[:, start:end] = p0_new + delta * (block - p0)
             if k + 1 < len(runs):
                 q = pos[:, end].min().item()
-                shift = _ceil(s_new + delta * (q - 1.0 - s)) + 1.0 - q
+                shift = _ceil(p0_new + delta * (q - 1.0 - p0)) + 1.0 - q
         out[:, i, keep] = new
         n = int(keep.sum())
         top = _ceil(new.max().item()) if n else -1.0
