@@ -75,10 +75,9 @@ class FamilyAdapter:
         """The LLM (a Llama/Qwen-style ``...Model``) whose attention reads the visual tokens."""
         return self.base.language_model
 
-    def token_id(self, modality: str) -> int:
-        cfg = self.model.config
-        return getattr(cfg, f"{modality}_token_id", None) if modality == "image" else \
-            getattr(cfg, "video_token_id", None)
+    def token_id(self, modality: str) -> int | None:
+        """The placeholder token of ``modality`` (``image_token_id`` / ``video_token_id`` of the config)."""
+        return getattr(self.model.config, f"{modality}_token_id", None)
 
     def pad_token_id(self) -> int:
         for cfg in (self.model.config, getattr(self.model.config, "text_config", None)):

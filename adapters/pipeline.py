@@ -276,11 +276,8 @@ def _order_by_first_source(state: TokenState) -> TokenState:
     out of order. Sorting (a permutation of whole tokens) keeps every token's features, size and
     centroid and makes the anchor slots increase.
     """
-    src = state.source[0]
     m = state.num_tokens
-    first = torch.full((m,), src.numel(), dtype=torch.long, device=src.device)
-    first = first.scatter_reduce(0, src, torch.arange(src.numel(), device=src.device), reduce="amin")
-    order = first.argsort(stable=True)
+    order = _first_sources(state).argsort(stable=True)
     if bool((order == torch.arange(m, device=order.device)).all()):
         return state
     rank = torch.empty_like(order)
@@ -371,13 +368,17 @@ def _initial_state(adapter, enc, i, orig) -> TokenState:
     return TokenState(feats, tower.size.to(torch.float32), pos.unsqueeze(0).to(feats.device), tower.source)
 
 
-def _anchors(state: TokenState) -> torch.Tensor:
-    """Slot of each output token: the first original token it holds (increasing for our operators)."""
+def _first_sources(state: TokenState) -> torch.Tensor:
+    """``[M]`` the first original token each output token holds (``N0`` for a token holding none)."""
     src = state.source[0]
-    m = state.num_tokens
-    anchors = torch.full((m,), src.numel(), dtype=torch.long, device=src.device)
-    anchors = anchors.scatter_reduce(0, src, torch.arange(src.numel(), device=src.device), reduce="amin")
-    if (anchors >= src.numel()).any() or (anchors[1:] <= anchors[:-1]).any():
+    first = torch.full((state.num_tokens,), src.numel(), dtype=torch.long, device=src.device)
+    return first.scatter_reduce(0, src, torch.arange(src.numel(), device=src.device), reduce="amin")
+
+
+def _anchors(state: TokenState) -> torch.Tensor:
+    """Slot of each output token: the first original token it holds (increasing after _order_by_first_source)."""
+    anchors = _first_sources(state)
+    if (anchors >= state.source.shape[1]).any() or (anchors[1:] <= anchors[:-1]).any():
         raise RuntimeError("compressed tokens do not map to increasing placeholder slots; this is a bug in vlmcompress")
     return anchors
 
