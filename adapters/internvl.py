@@ -162,8 +162,7 @@ class InternVLAdapter(TowerOnlyMerge, FamilyAdapter):
 
     def _processor(self):
         """The processor given to ``patch(..., processor=)`` when it can write InternVL's frame text."""
-        handle = self.model.__dict__.get("vlmcompress")
-        processor = getattr(handle, "processor", None)
+        processor = self.processor
         if processor is None:
             return None
         tok = getattr(processor, "tokenizer", processor)

@@ -1,12 +1,19 @@
 """Patch a loaded model in place so that its ordinary ``generate()`` reads fewer visual tokens.
 
 Patching binds two instance attributes (``forward`` and ``generate``) over the class methods and
-records a handle in ``model.vlmcompress``; ``unpatch`` deletes exactly those, so the class methods
-are what run again. Nothing is changed at import time and nothing global is touched.
+records a handle in ``model.vlmcompress``; ``unpatch`` deletes exactly those (putting back any instance
+``forward``/``generate`` that was there before, e.g. accelerate's device hooks), so what ran before runs
+again. Nothing is changed at import time and nothing global is touched.
+
+Not thread-safe: the handle keeps per-call state (``report``, the sizes armed for proportional attention,
+stage-A merge records, Qwen's ``rope_deltas`` on the model itself), so one patched model must not run two
+calls at the same time. Serve concurrent requests from one worker (the demo uses ``concurrency_limit=1``)
+or from separate model instances.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -14,7 +21,7 @@ import torch
 from vlmcompress.config import CompressionConfig
 
 from .llm_attention import check_llm_attention, install_llm_attention
-from .pipeline import CompressionReport, prepare_inputs
+from .pipeline import CompressionReport, check_ids_and_mask, prepare_inputs
 from .registry import adapter_for
 
 _ATTR = "vlmcompress"
@@ -31,6 +38,7 @@ class PatchHandle:
         self.report: CompressionReport | None = None
         self.reports: list[CompressionReport] = []
         self.llm_attention = None   # llm_attention.LlmProportionalAttention while the config asks for it
+        self.previous: dict = {}    # instance forward/generate found at patch time; unpatch puts them back
 
     @property
     def config(self) -> CompressionConfig:
@@ -41,7 +49,11 @@ class PatchHandle:
         _check_config(config)
         if config.llm_proportional_attention:
             check_llm_attention(self.adapter.language_model)     # refuse before changing anything
-        self.adapter.configure(config)
+        try:
+            self.adapter.configure(config)
+        except Exception:
+            self.adapter.configure(self._config)     # a refused config leaves the previous one working
+            raise
         self._attach_llm_attention(config)
         self._config = config
 
@@ -65,6 +77,7 @@ class PatchHandle:
         if not self.adapter.modalities(kwargs):
             return kwargs
         if question is None and self._config.relevance is not None and self.processor is not None:
+            check_ids_and_mask(kwargs.get("input_ids"), kwargs.get("attention_mask"))
             question = _read_question(self.processor, self.adapter, kwargs)
         new_kwargs, report = prepare_inputs(self.adapter, self._config, kwargs, question=question,
                                             relevance_frames=relevance_frames)
@@ -87,8 +100,12 @@ def patch(model, config: CompressionConfig | None = None, *, processor=None):
             handle.processor = processor
         return model
     adapter = adapter_for(model)
+    # Instance attributes already there (accelerate's device-map forward, another tool's wrapper) are
+    # wrapped, not replaced, and put back by unpatch.
+    previous = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
     adapter.install(config)
     handle = PatchHandle(model, adapter, config, processor)
+    handle.previous = previous
     try:
         handle._attach_llm_attention(config)
     except Exception:
@@ -98,8 +115,7 @@ def patch(model, config: CompressionConfig | None = None, *, processor=None):
 
     @functools.wraps(original_forward)
     def forward(*args, **kwargs):
-        if args:
-            kwargs = {**dict(zip(["input_ids"], args)), **kwargs}
+        kwargs = _keywords(original_forward, args, kwargs)
         try:
             return original_forward(**handle._prepare(kwargs))
         finally:
@@ -107,8 +123,11 @@ def patch(model, config: CompressionConfig | None = None, *, processor=None):
 
     @functools.wraps(original_generate)
     def generate(*args, **kwargs):
-        if args:
-            kwargs = {**dict(zip(["input_ids"], args)), **kwargs}
+        kwargs = _keywords(original_generate, args, kwargs)
+        if isinstance(kwargs.get("inputs"), torch.Tensor) and kwargs.get("input_ids") is None \
+                and not kwargs["inputs"].is_floating_point():
+            # generate(ids) / generate(inputs=ids): for a decoder-only VLM `inputs` are the input_ids.
+            kwargs["input_ids"] = kwargs.pop("inputs")
         try:
             prepared = handle._prepare(kwargs)
             out = original_generate(**prepared)
@@ -135,6 +154,8 @@ def unpatch(model):
     handle._attach_llm_attention(None)
     for name in ("forward", "generate", _ATTR):
         model.__dict__.pop(name, None)
+    for name, value in handle.previous.items():
+        object.__setattr__(model, name, value)
     return model
 
 
@@ -144,12 +165,41 @@ def is_patched(model) -> bool:
 
 @contextmanager
 def compressed(model, config: CompressionConfig | None = None, *, processor=None):
-    """``with compressed(model, config): model.generate(...)`` — patched inside, restored after."""
+    """``with compressed(model, config): model.generate(...)`` — patched inside, restored after.
+
+    On a model that is already patched, the block runs with ``config`` and the outer patch (its config and
+    processor) is back afterwards."""
+    outer = getattr(model, _ATTR, None)
+    if isinstance(outer, PatchHandle):
+        saved = outer.config, outer.processor
+        patch(model, config, processor=processor)
+        try:
+            yield model
+        finally:
+            outer.config, outer.processor = saved
+        return
     patch(model, config, processor=processor)
     try:
         yield model
     finally:
         unpatch(model)
+
+
+def _keywords(fn, args: tuple, kwargs: dict) -> dict:
+    """``args`` named after ``fn``'s positional parameters and merged into ``kwargs`` (the pipeline reads
+    everything by name, so ``model(ids, pixels)`` and ``generate(ids, generation_config)`` keep every value)."""
+    if not args:
+        return kwargs
+    params = [p for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(params):
+        raise TypeError(f"{getattr(fn, '__name__', 'forward')}() takes {len(params)} positional arguments "
+                        f"({', '.join(p.name for p in params)}) but {len(args)} were given")
+    named = {p.name: a for p, a in zip(params, args)}
+    twice = sorted(named.keys() & kwargs.keys())
+    if twice:
+        raise TypeError(f"{getattr(fn, '__name__', 'forward')}() got multiple values for {', '.join(twice)}")
+    return {**named, **kwargs}
 
 
 def _restore_prompt(out, prompt: torch.Tensor, packed_length: int):

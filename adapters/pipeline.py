@@ -89,14 +89,16 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
     image/video item: images in placeholder order, then videos; ``None`` entries fall back to
     ``adapter.item_frames``) feed ``config.relevance``; see :class:`CompressionConfig`."""
     ids = kwargs.get("input_ids")
-    if ids is None:
+    if ids is None or kwargs.get("inputs_embeds") is not None:
         raise ValueError("vlmcompress needs input_ids next to the pixel inputs (to find the placeholder tokens); "
-                         "inputs_embeds alone are not supported on a patched model")
+                         "inputs_embeds are not supported together with pixel inputs on a patched model")
     if kwargs.get("labels") is not None:
         raise ValueError("labels are not supported on a patched model: compression changes the sequence length")
     if relevance_frames is not None and not isinstance(relevance_frames, (list, tuple)):
         raise TypeError("relevance_frames must be a list with one entry (frames or None) per image/video, "
                         f"got {type(relevance_frames).__name__}")
+    check_ids_and_mask(ids, kwargs.get("attention_mask"))
+    _check_question(question, ids.shape[0])
     kwargs = dict(kwargs)
     batch, length = ids.shape
     mask = kwargs.get("attention_mask")
@@ -152,7 +154,7 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
                                             _question_for(question, item.row),
                                             width if item.extra_widths else None, frames=item.frames)
         item.state = _order_by_first_source(item.state)
-        item.anchors = _anchors(item.state)
+        item.anchors = _anchors(item.state).to(item.slots.device)   # features may live on another device
         report.items.append(ItemReport(item.modality, item.row, item.slots.numel(), before, item.state.num_tokens,
                                        grid=item.grid, source=_source_or_none(item.state),
                                        size=item.state.size[0].detach()))
@@ -174,7 +176,7 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
     new_len = max(report.prefill_after)
     sizes = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
     for item in items:
-        sizes[item.row, item.slots[item.anchors.to(item.slots.device)]] = item.state.size[0].float().to(ids.device)
+        sizes[item.row, item.slots[item.anchors]] = item.state.size[0].float().to(ids.device)
     report.token_size = _pack(sizes, keep, new_len, 1.0, left)
     pad_id = _pad_value(ids, mask, adapter)
     out = {"input_ids": _pack(ids, keep, new_len, pad_id, left),
@@ -191,8 +193,7 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
             kwargs.pop(key, None)
         parts = [i.state.x[0].split([i.state.x.shape[-1] - sum(i.extra_widths), *i.extra_widths], -1) for i in its]
         feats = [p[0] for p in parts]
-        kwargs.setdefault("mm_encoder_outputs", {})
-        kwargs["mm_encoder_outputs"] = dict(kwargs["mm_encoder_outputs"] or {})
+        kwargs["mm_encoder_outputs"] = dict(kwargs.get("mm_encoder_outputs") or {})
         if any(i.extra_widths for i in its):
             kwargs["mm_encoder_outputs"][modality] = adapter.encoder_output(
                 modality, feats, kwargs, extras=[list(p[1:]) for p in parts])
@@ -342,6 +343,24 @@ def _frames_source(adapter, modality, kwargs, index, relevance_frames, position)
         given = relevance_frames[position]
         return lambda: given
     return lambda: adapter.item_frames(modality, kwargs, index)
+
+
+def check_ids_and_mask(ids, mask) -> None:
+    """Clear errors for inputs the processor would never return (before any model code sees them)."""
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.is_floating_point() or ids.is_complex():
+        raise TypeError("input_ids must be an integer tensor [batch, length] as the processor returns it (return_tensors='pt'), "
+                        f"got {type(ids).__name__} {getattr(ids, 'dtype', '')} {tuple(getattr(ids, 'shape', ()))}")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(ids.shape)}, got "
+                         f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}")
+
+
+def _check_question(question, batch: int) -> None:
+    if question is None or isinstance(question, str):
+        return
+    if not isinstance(question, (list, tuple)) or len(question) != batch \
+            or not all(q is None or isinstance(q, str) for q in question):
+        raise TypeError(f"question must be a str or a list of {batch} str (one per batch row), got {question!r}")
 
 
 def _question_for(question, row):

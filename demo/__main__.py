@@ -26,6 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="balanced", choices=sorted(PRESETS))
     p.add_argument("--frames", type=int, default=16, help="frames sampled uniformly from the video")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
     return p.parse_args(argv)
 
 
@@ -40,9 +41,17 @@ def main(argv=None) -> int:
 
             video = make_test_video(Path(tmp) / "demo.mp4", frames=args.frames, size=(96, 96), fps=8)
             print(f"generated {video.name}: {args.frames} frames of a square moving over a static background")
-        clip = read_video(video, num_frames=args.frames)
+        try:
+            clip = read_video(video, num_frames=args.frames)
+        except (OSError, ValueError) as e:                      # missing or undecodable file
+            print(f"vlmcompress.demo: could not read video {str(video)!r}: {e}", file=sys.stderr)
+            return 2
         fps = clip.num_frames / max(clip.duration, 1e-6)
-        model, processor = load(args.model)
+        try:
+            model, processor = load(args.model, device=args.device)
+        except (OSError, ValueError) as e:                      # no such folder / hub id, unknown family
+            print(f"vlmcompress.demo: could not load model {args.model!r}: {e}", file=sys.stderr)
+            return 2
         config = vc.CompressionConfig.preset(args.preset)
         base = ask(model, processor, clip.frames, args.question, fps=fps, config=None,
                    max_new_tokens=args.max_new_tokens)

@@ -70,7 +70,11 @@ def main(argv=None) -> int:
     if not todo:
         print(f"nothing to do: {len(videos)} videos, all in {args.output}")
         return 0
-    model, processor = load(args.model, device=args.device)
+    try:
+        model, processor = load(args.model, device=args.device)
+    except (OSError, ValueError) as e:                          # no such folder / hub id, unknown family
+        print(f"vlmcompress-caption: could not load model {args.model!r}: {e}", file=sys.stderr)
+        return 2
     config = vc.CompressionConfig.preset(args.preset)
     failures = 0
     with args.output.open("a") as out:

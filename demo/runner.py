@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,11 +22,20 @@ class Answer:
     new_tokens: int
 
 
-def load(name: str, *, dtype: str = "auto", device: str | None = None):
+def load(name: str, *, dtype: str | torch.dtype = "auto", device: str | None = None,
+         local_files_only: bool = False):
     """``(model, processor)`` from a hub id, a local folder, or ``tiny-random:<family>``.
 
     ``tiny-random:`` models are built offline with random weights: their answers are gibberish, but the
-    whole pipeline (frames, processor, compression, generate) is real.
+    whole pipeline (frames, processor, compression, generate) is real. ``dtype``: ``"auto"`` (the
+    checkpoint's own), a torch dtype or its name (``"bfloat16"``). ``local_files_only=True`` never touches
+    the network (hub ids then load from the local cache only; without it, an offline machine retries for
+    a while before failing).
+
+    Raises:
+        FileNotFoundError: ``name`` is written as a path (``/``, ``./``, ``~``) and no such folder exists.
+        ValueError: an unknown ``tiny-random:`` family or dtype.
+        OSError: from ``transformers`` when a hub id cannot be found or downloaded.
     """
     if name.startswith(TINY_PREFIX):
         from vlmcompress.testing.tiny_models import FAMILIES, tiny_model_and_processor
@@ -37,14 +47,31 @@ def load(name: str, *, dtype: str = "auto", device: str | None = None):
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(name)
+        path = Path(name).expanduser()
+        if path.is_dir():
+            name = str(path)
+        elif name.startswith(("/", ".", "~")):
+            # transformers would report a bad "repo id" for a mistyped folder.
+            raise FileNotFoundError(f"no such model folder: {name}")
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=_dtype(dtype),
+                                                            local_files_only=local_files_only)
+        processor = AutoProcessor.from_pretrained(name, local_files_only=local_files_only)
     if device is not None:
         model = model.to(device)
     model.eval()
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def _dtype(dtype):
+    if dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be 'auto', a floating torch dtype or its name ('bfloat16', 'float16', "
+                         f"'float32'), got {dtype!r}")
+    return value
 
 
 def video_inputs(processor, frames: np.ndarray, question: str, *, fps: float):

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from vlmcompress.demo import caption
 from vlmcompress.demo.__main__ import main as demo_main
@@ -49,3 +50,34 @@ def test_caption_reports_bad_files_and_goes_on(videos, tmp_path):
 def test_caption_missing_input_is_a_clear_error(tmp_path, capsys):
     assert caption.main([str(tmp_path / "nope"), "-o", str(tmp_path / "c.jsonl")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    from vlmcompress.demo.runner import load
+
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        load(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="dtype must be"):
+        load(str(tmp_path), dtype="float17")
+    assert demo_main(["--frames", "4", "--model", str(tmp_path / "nope")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+    assert demo_main(["--video", str(tmp_path / "nope.mp4")]) == 2
+    assert "could not read video" in capsys.readouterr().err
+
+
+def test_caption_missing_model_is_a_clear_error(videos, tmp_path, capsys):
+    out = tmp_path / "c.jsonl"
+    assert caption.main([str(videos / "a.mp4"), "-o", str(out), "--model", "tiny-random:bert"]) == 2
+    assert "unknown tiny family" in capsys.readouterr().err
+
+
+def test_load_a_saved_folder_offline(tmp_path):
+    from vlmcompress.demo.runner import load
+    from vlmcompress.testing.tiny_models import tiny_model_and_processor
+
+    model, processor = tiny_model_and_processor("qwen2_vl")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load(str(tmp_path), dtype="bfloat16", local_files_only=True)
+    assert type(loaded) is type(model) and loaded.dtype == torch.bfloat16 and not loaded.training
+    assert loaded_processor.tokenizer.padding_side == "left"

@@ -91,3 +91,119 @@ def test_errors_are_clear(llava):
 
 def test_supported_model_types_lists_llava():
     assert "llava" in vc.supported_model_types()
+
+
+def test_positional_arguments_keep_every_value(llava):
+    """model(ids, pixels, mask) and generate(ids, generation_config, ...) name their positional arguments
+    after the model's own signature: nothing is dropped on the way into the pipeline."""
+    from transformers import GenerationConfig
+
+    model, _, inputs = llava
+    ids, pixels, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    with vc.compressed(model, vc.CompressionConfig(keep_ratio=0.5)):
+        by_name = _logits(model, inputs)
+        with torch.no_grad():
+            positional = model(ids, pixels, mask).logits
+        assert torch.equal(positional, by_name)
+        expected = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        config = GenerationConfig(max_new_tokens=2, do_sample=False)
+        assert torch.equal(model.generate(ids, config, pixel_values=pixels, attention_mask=mask), expected)
+        assert torch.equal(model.generate(inputs=ids, pixel_values=pixels, attention_mask=mask,
+                                          max_new_tokens=2, do_sample=False), expected)
+        assert model.vlmcompress.report.visual_after < model.vlmcompress.report.visual_before
+        with pytest.raises(TypeError, match="multiple values for input_ids"):
+            model(ids, input_ids=ids, pixel_values=pixels)
+        with pytest.raises(TypeError, match="positional arguments"):
+            model(*([ids] * 100))
+
+
+def test_unpatch_puts_back_an_instance_forward_it_found(llava):
+    """accelerate's device_map hooks live in an instance ``forward``: patch wraps it and unpatch restores it."""
+    model, _, inputs = llava
+    calls = []
+    class_forward = model.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(kwargs.get("input_ids").shape[1])
+        return class_forward(*args, **kwargs)
+
+    model.forward = hooked
+    try:
+        with vc.compressed(model, vc.CompressionConfig(keep_ratio=0.5)):
+            with torch.no_grad():
+                model(**inputs)
+            packed = max(model.vlmcompress.report.prefill_after)
+        assert calls == [packed] and packed < inputs["input_ids"].shape[1]   # the hook saw the shrunk prompt
+        assert model.__dict__["forward"] is hooked
+    finally:
+        del model.forward
+    assert "forward" not in model.__dict__
+
+
+def test_compressed_on_a_patched_model_restores_the_outer_patch(llava):
+    model, processor, inputs = llava
+    outer = vc.CompressionConfig(keep_ratio=0.5)
+    vc.patch(model, outer, processor=processor)
+    try:
+        with vc.compressed(model, vc.CompressionConfig(keep_ratio=0.25)):
+            _logits(model, inputs)
+            quarter = model.vlmcompress.report.visual_after
+        assert vc.is_patched(model)
+        assert model.vlmcompress.config is outer and model.vlmcompress.processor is processor
+        _logits(model, inputs)
+        assert model.vlmcompress.report.visual_after > quarter
+    finally:
+        vc.unpatch(model)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda i: {"attention_mask": i["attention_mask"][:, 1:]}, ValueError, "attention_mask must be a tensor of the shape"),
+    (lambda i: {"input_ids": i["input_ids"][0], "attention_mask": None}, TypeError, r"input_ids must be an integer tensor \[batch"),
+    (lambda i: {"input_ids": i["input_ids"].float()}, TypeError, "input_ids must be an integer tensor"),
+    (lambda i: {"input_ids": i["input_ids"].tolist()}, TypeError, "input_ids must be an integer tensor"),
+    (lambda i: {"question": 3}, TypeError, "question must be a str or a list of 2 str"),
+    (lambda i: {"question": ["only one"]}, TypeError, "question must be a str or a list of 2 str"),
+    (lambda i: {"inputs_embeds": torch.zeros(2, i["input_ids"].shape[1], 64)}, ValueError, "inputs_embeds"),
+], ids=["mask-shape", "ids-1d", "ids-float", "ids-list", "question-int", "question-count", "inputs-embeds"])
+def test_bad_inputs_name_what_was_wrong(llava, change, error, message):
+    model, _, inputs = llava
+    with vc.compressed(model, vc.CompressionConfig(keep_ratio=0.5)):
+        with pytest.raises(error, match=message):
+            model(**{**inputs, **change(inputs)})
+
+
+def test_a_refused_config_change_keeps_the_previous_one_working(llava, monkeypatch):
+    from vlmcompress.adapters import vision_merge
+
+    model, _, inputs = llava
+    install = vision_merge.install_vision_merge
+
+    def refuse_quarter(tower, config, **kw):
+        if config.vision_keep == 0.25:
+            raise ValueError("refused for the test")
+        return install(tower, config, **kw)
+
+    monkeypatch.setattr(vision_merge, "install_vision_merge", refuse_quarter)
+    half = vc.CompressionConfig(vision_keep=0.5)
+    with vc.compressed(model, half):
+        _logits(model, inputs)
+        merged = [it.after_vision for it in model.vlmcompress.report.items]
+        with pytest.raises(ValueError, match="refused"):
+            model.vlmcompress.config = vc.CompressionConfig(vision_keep=0.25)
+        assert model.vlmcompress.config is half
+        _logits(model, inputs)
+        assert [it.after_vision for it in model.vlmcompress.report.items] == merged
+        assert all(m < it.placeholders for m, it in zip(merged, model.vlmcompress.report.items))
+
+
+def test_unpatch_after_a_failed_generate_restores_the_model(llava):
+    model, _, inputs = llava
+    ref = _logits(model, inputs)
+    ref_tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    vc.patch(model, vc.CompressionConfig(keep_ratio=0.5, vision_keep=0.5, llm_proportional_attention=True))
+    with pytest.raises(ValueError, match="placeholder"):
+        model.generate(**{**inputs, "pixel_values": inputs["pixel_values"][:1]}, max_new_tokens=2)
+    assert model.vlmcompress.llm_attention.bias is None
+    vc.unpatch(model)
+    assert torch.equal(_logits(model, inputs), ref)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=2, do_sample=False), ref_tokens)
