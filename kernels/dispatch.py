@@ -148,12 +148,13 @@ def merge_tokens(x, size, pos, dst, num_out, *, backend=None):
     check_tensor("dst", dst, shape=(bsz, n))
     _check_index("dst", dst)
     check_int("num_out", num_out, minimum=0)
+    _check_device("x", x, size=size, pos=pos, dst=dst)
     supported = (x.dtype in _FLOATS and pos.dtype in (torch.float32, torch.float64)
                  and (size.dtype in _FLOATS or size.dtype in (torch.int32, torch.int64))
                  and _fits(bsz, n, c, num_out)
                  and not (size.requires_grad and torch.is_grad_enabled()))
+    _check_range_off_gpu("dst", dst, num_out)
     if resolve_backend(x, size, pos, dst, backend=backend, supported=supported) == "triton":
-        _check_range_off_gpu("dst", dst, num_out)
         return _triton_impl("merge_tokens")(x, size, pos, dst, num_out)
     return reference.merge_tokens(x, size, pos, dst, num_out)
 
@@ -168,10 +169,11 @@ def unmerge_tokens(y, dst, *, backend=None):
     check_tensor("y", y, ndim=3)
     check_tensor("dst", dst, shape=(y.shape[0], None))
     _check_index("dst", dst)
+    _check_device("y", y, dst=dst)
     bsz, m, c = y.shape
     supported = (y.dtype in _FLOATS or y.dtype in (torch.int32, torch.int64)) and _fits(bsz, m, c, dst.shape[1])
+    _check_range_off_gpu("dst", dst, m)
     if resolve_backend(y, dst, backend=backend, supported=supported) == "triton":
-        _check_range_off_gpu("dst", dst, m)
         return _triton_impl("unmerge_tokens")(y, dst)
     return reference.unmerge_tokens(y, dst)
 
@@ -186,14 +188,19 @@ def best_match(a, b, b_valid=None, block_size=None, *, backend=None):
     tiles (memory linear in ``Na``), so it ignores ``block_size``. It runs fp16, bf16 and fp32; other
     dtypes (fp64) run the reference.
     """
-    check_tensor("a", a, ndim=3)
+    check_tensor("a", a, ndim=3, floating=True)
     check_tensor("b", b, shape=(a.shape[0], None, a.shape[2]))
+    if b.dtype != a.dtype:
+        raise TypeError(f"b must have a's dtype {a.dtype}, got {b.dtype}")
+    if b.shape[1] == 0 and a.shape[1] > 0:
+        raise ValueError(f"b must have at least one row to match the {a.shape[1]} rows of a against, got {tuple(b.shape)}")
     if b_valid is not None:
         check_tensor("b_valid", b_valid, shape=tuple(b.shape[:2]))
         if b_valid.dtype != torch.bool:
             raise TypeError(f"b_valid must be a bool tensor, got {b_valid.dtype}")
     if block_size is not None:
         check_int("block_size", block_size, minimum=1)
+    _check_device("a", a, b=b, b_valid=b_valid)
     bsz, na, c = a.shape
     supported = (a.dtype in (torch.float16, torch.bfloat16, torch.float32) and b.dtype == a.dtype
                  and _fits(bsz, na, b.shape[1], c))
@@ -207,10 +214,18 @@ def _check_index(name: str, index: torch.Tensor) -> None:
         raise TypeError(f"{name} must be an int64 tensor of slot indices, got {index.dtype}")
 
 
+def _check_device(first: str, tensor: torch.Tensor, **others: torch.Tensor | None) -> None:
+    # Nothing is moved between devices behind the caller's back; a mix fails here, by name.
+    for name, other in others.items():
+        if other is not None and other.device != tensor.device:
+            raise ValueError(f"{name} must be on the device of {first} ({tensor.device}), got {other.device}")
+
+
 def _check_range_off_gpu(name: str, index: torch.Tensor, bound: int) -> None:
-    # The kernels skip out-of-range slots rather than read or write out of bounds. On CPU
-    # (interpreter) checking costs nothing, so bad input gets the same kind of error as the reference;
-    # on CUDA it would cost a device sync per call, and dst is built by the operators.
-    if index.device.type != "cuda" and index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
+    # The kernels skip out-of-range slots rather than read or write out of bounds, and the reference
+    # fails inside scatter/gather with a bare RuntimeError. On CPU checking costs nothing, so both paths
+    # get this error; on CUDA it would cost a device sync per call (dst is built by the operators), and
+    # meta tensors have no values to check.
+    if index.device.type == "cpu" and index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
         raise ValueError(f"{name} must hold slot indices in [0, {bound}), got values in "
                          f"[{int(index.min())}, {int(index.max())}]")

@@ -131,6 +131,8 @@ def segment_sum(x, dst, num_out, *, size=None, pos=None, block_s=None, block_c=N
     bsz, n, c = x.shape
     acc = acc_dtype(x.dtype)
     weighted, has_pos = size is not None, pos is not None
+    if weighted:
+        size = size.contiguous()  # the kernel indexes size as [B, N] row-major (x and pos use strides)
     pacc = torch.promote_types(pos.dtype, acc) if has_pos else acc
     order, offsets = segment_plan(dst, num_out)
     out = torch.empty(bsz, num_out, c, device=x.device, dtype=x.dtype)

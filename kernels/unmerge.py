@@ -57,6 +57,11 @@ def gather_rows(y, dst, *, size=None, size_out=None, acc=None, block_n=None, blo
     bsz, m, c = y.shape
     n = dst.shape[1]
     weighted = size is not None
+    # The kernel indexes dst, size and size_out as row-major [B, N] / [B, M] (y uses its strides): an
+    # expanded dst (stride 0 on B) would otherwise be read past its storage.
+    dst = dst.contiguous()
+    if weighted:
+        size, size_out = size.contiguous(), size_out.contiguous()
     if acc is None:
         acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     out = torch.empty(bsz, n, c, device=y.device, dtype=y.dtype)

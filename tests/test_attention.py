@@ -118,7 +118,11 @@ def test_low_precision_is_finite_and_close(dtype):
     (lambda q, k, v, s: proportional_attention(q, k, v, s[:, :3]), ValueError, "size must have shape"),
     (lambda q, k, v, s: combine_masks(size_log_bias(s), torch.ones(2, 1, 1, 4, dtype=torch.bool)), ValueError, "does not broadcast"),
     (lambda q, k, v, s: combine_masks(size_log_bias(s), torch.ones(2, 1, 1, 6, dtype=torch.int32)), TypeError, "bool or floating"),
-], ids=["size-rank", "negative-size", "int-dtype", "q-rank", "k-shape", "size-shape", "mask-shape", "int-mask"])
+    (lambda q, k, v, s: size_log_bias(s, "float32"), TypeError, r"dtype must be a floating dtype \(a torch.dtype"),
+    (lambda q, k, v, s: proportional_sdpa(q, k.double(), v, s), TypeError, "k must have q's dtype"),
+    (lambda q, k, v, s: proportional_sdpa(q, k, v.half(), s), TypeError, "v must have q's dtype"),
+], ids=["size-rank", "negative-size", "int-dtype", "q-rank", "k-shape", "size-shape", "mask-shape", "int-mask",
+        "str-dtype", "sdpa-k-dtype", "sdpa-v-dtype"])
 def test_bad_input(call, err, match):
     q, k, v, size = _case()
     with pytest.raises(err, match=match):

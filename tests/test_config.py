@@ -37,6 +37,10 @@ def test_unknown_preset_names_the_presets():
     ({"pool_tau": 0}, "pool_tau"),
     ({"v2pe_delta": 0}, "v2pe_delta"),
     ({"v2pe_delta": 2}, "v2pe_delta"),
+    ({"v2pe_delta": True}, "v2pe_delta"),
+    ({"pool_tau": True}, "pool_tau"),
+    ({"vision_ramp": False}, "vision_ramp"),
+    ({"temporal_threshold": True}, "temporal_threshold"),
 ])
 def test_bad_values_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -161,6 +161,33 @@ def test_bad_inputs_name_the_argument(spy):
     assert spy == []
 
 
+@pytest.mark.parametrize("backend", ["torch", None], ids=["torch", "auto"])
+def test_reference_path_names_the_argument_too(spy, backend):
+    # The reference would fail inside scatter_add / gather / matmul / argmax with a bare RuntimeError
+    # or IndexError; the entry points refuse the same inputs first, whatever the backend.
+    x, size, pos, dst, m = merge_args()
+    with pytest.raises(ValueError, match=r"dst must hold slot indices in \[0, 3\)"):
+        merge_tokens(x, size, pos, dst + 1, m, backend=backend)
+    with pytest.raises(ValueError, match=r"dst must hold slot indices in \[0, 3\)"):
+        merge_tokens(x, size, pos, dst - 1, m, backend=backend)
+    with pytest.raises(ValueError, match=r"dst must hold slot indices in \[0, 2\)"):
+        unmerge_tokens(x[:, :2], dst, backend=backend)
+    with pytest.raises(TypeError, match="b must have a's dtype torch.float32"):
+        best_match(x, x.double(), backend=backend)
+    with pytest.raises(TypeError, match="a must be a floating-point tensor"):
+        best_match(dst[..., None], dst[..., None], backend=backend)
+    with pytest.raises(ValueError, match="b must have at least one row"):
+        best_match(x, x[:, :0], backend=backend)
+    # mixed devices ('meta' stands in for a GPU): refused by name, never moved silently
+    with pytest.raises(ValueError, match=r"pos must be on the device of x \(cpu\), got meta"):
+        merge_tokens(x, size, pos.to("meta"), dst, m, backend=backend)
+    with pytest.raises(ValueError, match=r"dst must be on the device of y \(cpu\), got meta"):
+        unmerge_tokens(x[:, :3], dst.to("meta"), backend=backend)
+    with pytest.raises(ValueError, match=r"b_valid must be on the device of a \(cpu\), got meta"):
+        best_match(x, x, torch.ones(2, 5, dtype=torch.bool, device="meta"), backend=backend)
+    assert spy == []
+
+
 def test_entry_points_keep_the_reference_signatures():
     for name in ("merge_tokens", "unmerge_tokens", "best_match"):
         ours = inspect.signature(getattr(dispatch, name)).parameters

@@ -175,6 +175,28 @@ def test_merge_non_contiguous_features():
     assert_close("x_out", got[0], reference.merge_tokens(x, size, pos, dst, 4)[0], TOL[torch.float32])
 
 
+def test_non_contiguous_size_and_dst():
+    # A transposed size and a dst expanded over the batch (stride 0: one plan for every sample) are
+    # read as [B, N] row-major by the kernels unless the host makes them contiguous; on a GPU the
+    # expanded dst was read past its storage.
+    x, size, pos, _ = make_merge_inputs(3, 7, 5, 4, "random", torch.float32, seed=13)
+    size_t = size.t().contiguous().t()
+    dst = make_dst(1, 7, 4, torch.Generator().manual_seed(14)).expand(3, 7)
+    assert not size_t.is_contiguous() and not dst.is_contiguous()
+    want = reference.merge_tokens(x, size, pos, dst.contiguous(), 4)
+    xi = x.clone().requires_grad_(True)
+    got = merge_tokens_triton(xi, size_t, pos, dst, 4)
+    for name, g, w in zip(("x_out", "size_out", "pos_out"), got, want):
+        assert_close(name, g, w, TOL[torch.float32])
+    g_out = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    got[0].backward(g_out)
+    xr = x.clone().requires_grad_(True)
+    reference.merge_tokens(xr, size, pos, dst.contiguous(), 4)[0].backward(g_out)
+    assert_close("grad_x", xi.grad, xr.grad, TOL[torch.float32])
+    y = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    assert torch.equal(unmerge_tokens_triton(y, dst), reference.unmerge_tokens(y, dst))
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [pytest.param(torch.int64, id="int64")])
 @pytest.mark.parametrize("bsz,n,c,m,kind,block_c", MERGE_CASES)
 def test_unmerge_matches_reference(bsz, n, c, m, kind, block_c, dtype):

@@ -74,6 +74,18 @@ def test_stretch_bad_inputs():
         stretch_positional_embedding(torch.randn(1, 4), keep=0)
 
 
+def test_stretched_length_checks_like_the_stretch():
+    assert stretched_length(77) == 248 and stretched_length(10, keep=0, factor=1) == 10
+    with pytest.raises(ValueError, match="length must be >= 2"):
+        stretched_length(-5)                                    # was -120 rows
+    with pytest.raises(TypeError, match="length must be an int"):
+        stretched_length(77.0)
+    with pytest.raises(ValueError, match="keep must be <= 76"):
+        stretched_length(77, keep=80)                           # was 68 rows, fewer than 77
+    with pytest.raises(ValueError, match="factor must be >= 1"):
+        stretched_length(77, factor=0)
+
+
 def encode(model, texts, context_length):
     tok = simple_tokenizer(context_length)
     with torch.no_grad():

@@ -371,6 +371,14 @@ def test_finite_check_tells_overflowing_sum_from_nan():
     x[0, 50, 2] = float("nan")
     with pytest.raises(ValueError, match="metric contains NaN"):
         bipartite_soft_matching(x, 4)
+    # the sum is accumulated in fp32, so the fp16 case above takes the fast path; an fp32 sum that
+    # overflows takes the exact, chunked one (2000 tokens: two chunks of 1024), and is still accepted
+    big = torch.full((1, 2000, 2), 3e38)
+    assert torch.isinf(big.sum())
+    assert bipartite_soft_matching(big, 4).num_out == 1996
+    big[0, 1500, 1] = float("inf")
+    with pytest.raises(ValueError, match="metric contains NaN or Inf"):
+        bipartite_soft_matching(big, 4)
 
 
 def test_plan_rejects_mismatched_state_and_y():
@@ -386,3 +394,32 @@ def test_plan_rejects_mismatched_state_and_y():
         unmerge_to_source(TokenState.from_features(x), x)
     with pytest.raises(TypeError, match="dst must be int64"):
         MergePlan(dst=torch.zeros(1, 3, dtype=torch.int32), num_out=1)
+
+
+# --- the token state -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grid", [(1.5, 2, 2), (1.0, 2, 3), (True, 2, 3), (1, 2), 6],
+                         ids=["fractional", "float", "bool", "two-axes", "int"])
+def test_from_features_rejects_non_int_grids(grid):
+    # int() would truncate (1.5, 2, 2) to a grid of the wrong shape without a word
+    with pytest.raises(ValueError, match=r"grid must be three positive ints"):
+        TokenState.from_features(torch.randn(2, 6, 4), grid)
+
+
+def test_from_features_accepts_integer_like_grids():
+    x = torch.randn(2, 6, 4)
+    want = TokenState.from_features(x, (1, 2, 3)).pos
+    assert torch.equal(TokenState.from_features(x, (torch.tensor(1), 2, 3)).pos, want)
+    assert torch.equal(TokenState.from_features(x, torch.Size([1, 2, 3])).pos, want)
+
+
+def test_state_rejects_bad_prefix_and_fields_on_another_device():
+    x = torch.randn(2, 6, 4)
+    with pytest.raises(TypeError, match="prefix must be an int"):
+        TokenState.from_features(x, prefix="1")
+    with pytest.raises(ValueError, match="prefix must be <= 6"):
+        TokenState.from_features(x, prefix=7)
+    state = TokenState.from_features(x, track_source=True)
+    for name in ("size", "pos", "source"):
+        with pytest.raises(ValueError, match=f"{name} must be on x's device cpu, got meta"):
+            state.replace(**{name: getattr(state, name).to("meta")})

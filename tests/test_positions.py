@@ -256,6 +256,8 @@ def test_rotary_bad_inputs():
         rotary_cos_sin(torch.zeros(1, 2), 8, base=0.0)
     with pytest.raises(ValueError, match="position_ids"):
         rotary_cos_sin(torch.tensor([[float("nan")]]), 8)
+    with pytest.raises(TypeError, match="dtype must be a floating"):
+        rotary_cos_sin(torch.zeros(1, 2), 8, dtype=torch.int64)    # cos/sin would round to 0 and 1
 
 
 # ---------------------------------------------------------------- M-RoPE (Qwen2-VL family)

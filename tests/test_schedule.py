@@ -69,6 +69,14 @@ def test_keep_ratio_one_and_target_n_are_identity():
     assert merge_schedule(197, 12, target=197) == [0] * 12
 
 
+@pytest.mark.parametrize("keep_ratio,num_tokens,kept", [(0.07, 100, 7), (0.28, 25, 7), (0.14, 50, 7), (0.071, 100, 8)],
+                         ids=["0.07-of-100", "0.28-of-25", "0.14-of-50", "0.071-of-100"])
+def test_keep_ratio_count_is_not_bumped_by_float_error(keep_ratio, num_tokens, kept):
+    # keep_ratio * num_tokens is 7.000000000000001 for the first three in float: ceil must still give 7
+    sched = merge_schedule(num_tokens, 6, keep_ratio=keep_ratio)
+    assert tokens_after(num_tokens, sched) == kept
+
+
 def test_target_is_spread_evenly_when_possible():
     sched = merge_schedule(1000, 4, target=600)
     assert sched == [100, 100, 100, 100]

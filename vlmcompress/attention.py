@@ -34,8 +34,8 @@ def size_log_bias(size: torch.Tensor, dtype: torch.dtype | None = None) -> torch
     check_tensor("size", size, ndim=2)
     if dtype is None:
         dtype = size.dtype if size.is_floating_point() else torch.float32
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype (a torch.dtype such as torch.float32), got {dtype!r}")
     s = size.float()
     if torch.isnan(s).any() or (s < 0).any():
         raise ValueError("size must be >= 0 (patch counts); found a negative or NaN entry")
@@ -92,6 +92,9 @@ def proportional_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: t
                       attn_mask: torch.Tensor | None = None, **sdpa_kwargs) -> torch.Tensor:
     """The same through ``F.scaled_dot_product_attention``, with the bias as a float ``attn_mask``."""
     _check_qkv(q, k, v, size)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:  # SDPA's own error would not say which argument
+            raise TypeError(f"{name} must have q's dtype {q.dtype} for SDPA, got {t.dtype}")
     mask = combine_masks(size_log_bias(size, q.dtype), attn_mask).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa_kwargs)
 

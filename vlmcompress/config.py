@@ -68,11 +68,11 @@ class CompressionConfig:
         _fraction("vision_keep", self.vision_keep)
         _fraction("temporal_keep", self.temporal_keep)
         _fraction("keep_ratio", self.keep_ratio)
-        if not isinstance(self.vision_ramp, (int, float)) or not 0.0 <= self.vision_ramp < 1.0:
+        if _not_number(self.vision_ramp) or not 0.0 <= self.vision_ramp < 1.0:
             raise ValueError(f"vision_ramp must be a number in [0, 1), got {self.vision_ramp!r}")
         if self.temporal_threshold is not None:
             t = self.temporal_threshold
-            if not isinstance(t, (int, float)) or math.isnan(t) or not -1.0 <= t <= 1.0:
+            if _not_number(t) or math.isnan(t) or not -1.0 <= t <= 1.0:
                 raise ValueError(f"temporal_threshold must be a cosine in [-1, 1] or None, got {t!r}")
             if self.temporal_keep != 1.0:
                 raise ValueError("temporal_threshold and temporal_keep are two ways to set temporal merging; set only one")
@@ -81,10 +81,10 @@ class CompressionConfig:
                 raise ValueError(f"token_budget must be a positive int or None, got {self.token_budget!r}")
         if self.budget_method not in _BUDGET_METHODS:
             raise ValueError(f"budget_method must be one of {_BUDGET_METHODS}, got {self.budget_method!r}")
-        if not isinstance(self.pool_tau, (int, float)) or not self.pool_tau > 0 or math.isinf(self.pool_tau):
+        if _not_number(self.pool_tau) or not self.pool_tau > 0 or math.isinf(self.pool_tau):
             raise ValueError(f"pool_tau must be a finite number > 0, got {self.pool_tau!r}")
         d = self.v2pe_delta
-        if not isinstance(d, (int, float)) or math.isnan(d) or not 0.0 < d <= 1.0:
+        if _not_number(d) or math.isnan(d) or not 0.0 < d <= 1.0:
             raise ValueError(f"v2pe_delta must be in (0, 1] (V2PE uses 1/256 … 1), got {d!r}")
         for flag in ("proportional_attention", "llm_proportional_attention"):
             if not isinstance(getattr(self, flag), bool):
@@ -140,8 +140,13 @@ def _check_scorer(scorer, budget_method: str) -> None:
                          "use budget_method='pool' or relevance=None")
 
 
+def _not_number(value) -> bool:
+    # bool is an int subclass: True would pass as 1.0 (v2pe_delta=True, temporal_threshold=True)
+    return isinstance(value, bool) or not isinstance(value, (int, float))
+
+
 def _fraction(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 < value <= 1.0:
+    if _not_number(value) or math.isnan(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
 
 

@@ -17,6 +17,10 @@ __all__ = ["stretch_positional_embedding", "apply_long_context", "stretched_leng
 
 def stretched_length(length: int, keep: int = 20, factor: int = 4) -> int:
     """Rows after stretching: ``keep + (length - keep) * factor`` (77 → 248 with the defaults)."""
+    # the same limits as stretch_positional_embedding, so both agree on what a valid table is
+    check_int("length", length, minimum=2)
+    check_int("factor", factor, minimum=1)
+    check_int("keep", keep, minimum=0, maximum=length - 1)
     return keep + (length - keep) * factor
 
 

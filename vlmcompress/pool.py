@@ -23,22 +23,12 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_tensor
+from ._checks import as_int, check_finite, check_tensor
 from .state import TokenState
 
 __all__ = ["pool_kernel_stride", "grid_for_budget", "prompt_guided_pool", "pool_coverage"]
 
 _AXES = ("t", "h", "w")
-
-
-def _as_int(value):
-    """``value`` as an int if it is integer-like (int, numpy int, 0-d int tensor), else ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _check_grid(name: str, grid) -> tuple[int, int, int]:
@@ -47,7 +37,7 @@ def _check_grid(name: str, grid) -> tuple[int, int, int]:
         raise TypeError(f"{name} must be a (T, H, W) tuple of three ints, got {grid!r}")
     out = []
     for axis, g in zip(_AXES, grid):
-        v = _as_int(g)
+        v = as_int(g)
         if v is None:
             raise TypeError(f"{name} must hold ints, got {type(g).__name__} for axis {axis}: {grid!r}")
         if v < 1:
@@ -68,7 +58,7 @@ def pool_kernel_stride(in_size: int, out_size: int, *, axis: str = "axis") -> tu
         ValueError: ``out_size`` outside ``[1, in_size]`` (the message names ``axis``).
     """
     for name, v in (("in_size", in_size), ("out_size", out_size)):
-        if _as_int(v) is None:
+        if as_int(v) is None:
             raise TypeError(f"{name} for axis {axis} must be an int, got {type(v).__name__}")
     in_size, out_size = operator.index(in_size), operator.index(out_size)
     if in_size < 1:
@@ -114,7 +104,7 @@ def grid_for_budget(grid, budget: int, *, keep_time: bool = False) -> tuple[int,
         ValueError: ``budget < 1``, or ``keep_time`` with ``budget < T`` (not one token per frame).
     """
     t, h, w = _check_grid("grid", grid)
-    if _as_int(budget) is None:
+    if as_int(budget) is None:
         raise TypeError(f"budget must be an int, got {type(budget).__name__}")
     budget = operator.index(budget)
     if budget < 1:
@@ -151,7 +141,7 @@ def _fit_axes(sizes: tuple[int, ...], budget: int) -> tuple[int, ...]:
     allowed = [_pool_friendly_sizes(s) for s in sizes]
     options = [_near(sizes_a, e) for sizes_a, e in zip(allowed, target)]
     candidates = set()
-    for c in _product(options):
+    for c in itertools.product(*options):
         candidates.add(c)
         for a in range(len(sizes)):
             rest = math.prod(c) // c[a]
@@ -207,15 +197,6 @@ def _near(allowed: list[int], ideal: float) -> list[int]:
     return sorted(set(near + below[-1:] + above[:1]))
 
 
-def _product(options: list[list[int]]):
-    if not options:
-        yield ()
-        return
-    for v in options[0]:
-        for rest in _product(options[1:]):
-            yield (v,) + rest
-
-
 def _window_index(in_size: int, kernel: int, stride: int, out_size: int, device) -> torch.Tensor:
     """``[O, k]`` input index of each slot of each window on one axis."""
     return (torch.arange(out_size, device=device) * stride).unsqueeze(1) + torch.arange(kernel, device=device)
@@ -231,16 +212,6 @@ def pool_coverage(grid, out_grid, device=None) -> torch.Tensor:
         counts.append(torch.bincount(_window_index(i, k, s, o, device).flatten(), minlength=i))
     ct, ch, cw = counts
     return (ct[:, None, None] * ch[None, :, None] * cw[None, None, :]).flatten()
-
-
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    """ValueError if ``x`` holds NaN/Inf. One fp32 sum (a NaN or Inf anywhere makes it non-finite);
-    the exact elementwise test runs only when the sum is not finite (NaN/Inf, or a real overflow).
-    ``isfinite(x).all()`` alone cost ~4 full passes over x in a CPU profile."""
-    with torch.no_grad():
-        finite = bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)))
-        if not finite and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or Inf values; only finite features are accepted")
 
 
 def _unfold3(v: torch.Tensor, ks, ss) -> torch.Tensor:
@@ -304,7 +275,7 @@ def prompt_guided_pool(
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be a finite number > 0, got {tau}")
     check_tensor("state.x", state.x, floating=True)
-    _check_finite("state.x", state.x)
+    check_finite("state.x", state.x)
     if relevance is not None:
         check_tensor("relevance", relevance, shape=(b, n), floating=True, finite=True)
 

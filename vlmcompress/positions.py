@@ -257,6 +257,8 @@ def rotary_cos_sin(
         raise ValueError(f"dim must be even, got {dim}")
     if isinstance(base, bool) or not isinstance(base, Real) or not math.isfinite(base) or base <= 0:
         raise ValueError(f"base must be a finite number > 0, got {base!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (cos/sin lie in [-1, 1]), got {dtype!r}")
     if position_ids.is_floating_point() and not torch.isfinite(position_ids).all():
         raise ValueError("position_ids contains NaN or Inf")
     compute = torch.float64 if position_ids.dtype == torch.float64 else torch.float32

@@ -54,7 +54,8 @@ def merge_schedule(num_tokens: int, num_layers: int, *, r: int | None = None, ra
     if keep_ratio is not None:
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
-        target = min(num_tokens, math.ceil(keep_ratio * num_tokens))
+        # round() first: 0.07 * 100 == 7.000000000000001 in float, whose plain ceil keeps 8 tokens.
+        target = min(num_tokens, math.ceil(round(keep_ratio * num_tokens, 9)))
     target = check_int("target", target, minimum=0, maximum=num_tokens)
     return _towards_target(num_tokens, num_layers, target, protected)
 

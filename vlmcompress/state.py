@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import as_int, check_int, check_tensor
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class TokenState:
             check_tensor("source", self.source, ndim=2)
             if self.source.shape[0] != b or self.source.dtype != torch.int64:
                 raise ValueError(f"source must be an int64 [B={b}, N0] index map, got {self.source.dtype} {tuple(self.source.shape)}")
+        for name in ("size", "pos", "source"):
+            value = getattr(self, name)
+            if value is not None and value.device != self.x.device:  # the kernels would fail deep inside
+                raise ValueError(f"{name} must be on x's device {self.x.device}, got {value.device}")
 
     @property
     def batch(self) -> int:
@@ -75,14 +79,14 @@ class TokenState:
         """
         check_tensor("x", x, ndim=3)
         b, n, _ = x.shape
-        if prefix < 0 or prefix > n:
-            raise ValueError(f"prefix must be in [0, N={n}], got {prefix}")
+        check_int("prefix", prefix, minimum=0, maximum=n)
         count = n - prefix
         if grid is None:
             grid = (1, 1, count)
-        if len(grid) != 3 or any(int(g) < 1 for g in grid):
+        sizes = [as_int(g) for g in grid] if isinstance(grid, (tuple, list, torch.Size)) else []
+        if len(sizes) != 3 or any(g is None or g < 1 for g in sizes):
             raise ValueError(f"grid must be three positive ints (T, H, W), got {grid}")
-        t, h, w = (int(g) for g in grid)
+        t, h, w = sizes
         if t * h * w != count:
             raise ValueError(f"grid {grid} holds {t * h * w} tokens but x has {count} grid tokens (N={n}, prefix={prefix})")
         pos = grid_positions((t, h, w), device=x.device)
