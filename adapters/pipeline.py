@@ -10,12 +10,12 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from vlmcompress.config import CompressionConfig
+from vlmcompress.schedule import kept_count
 from vlmcompress.state import TokenState
 
 from .base import FamilyAdapter
@@ -219,7 +219,7 @@ def compress_item(state: TokenState, grid, config: CompressionConfig, *, questio
         # The ratio is of the tokens the LLM would read unpatched: sizes sum to that count even after
         # a merging vision tower (stage A), so keep_ratio means the same with or without it.
         original = int(round(float(state.size.sum())))
-        target = min(target, max(1, math.ceil(config.keep_ratio * original)))
+        target = min(target, kept_count(config.keep_ratio, original))
     if config.token_budget is not None:
         target = min(target, config.token_budget)
 
@@ -243,7 +243,7 @@ def compress_item(state: TokenState, grid, config: CompressionConfig, *, questio
             plan = merge_ops.temporal_matching(_metric(state, metric_channels), frames,
                                                threshold=config.temporal_threshold)
         else:
-            budget = per_frame - max(1, math.ceil(config.temporal_keep * per_frame))
+            budget = per_frame - kept_count(config.temporal_keep, per_frame)
             plan = merge_ops.temporal_matching(_metric(state, metric_channels), frames, budget=budget)
         state = plan.merge(state)
     return state

@@ -27,7 +27,6 @@ describes exactly the tokens the VLM reads. The token count is known before runn
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,7 +35,7 @@ from torch import nn
 
 from vlmcompress.attention import combine_masks, size_log_bias
 from vlmcompress.merge import MergePlan, bipartite_soft_matching
-from vlmcompress.schedule import merge_schedule, tokens_after
+from vlmcompress.schedule import kept_count, merge_schedule, tokens_after
 from vlmcompress.state import TokenState
 
 __all__ = ["VisionMerge", "install_vision_merge", "merging_layers", "tower_schedule", "tower_tokens_after"]
@@ -81,7 +80,7 @@ def tower_schedule(num_tokens: int, num_layers: int, config, *, protected: int =
     patches = num_tokens - protected
     if patches < 0:
         raise ValueError(f"protected={protected} exceeds num_tokens={num_tokens}")
-    target = protected + math.ceil(config.vision_keep * patches)
+    target = protected + kept_count(config.vision_keep, patches)
     floor = num_tokens
     for _ in range(num_layers):
         floor -= (floor - protected) // 2

@@ -104,3 +104,11 @@ def test_tokens_after_rejects_bad_schedule():
         tokens_after(10, [1, -1])
     with pytest.raises(TypeError, match=r"schedule\[0\] must be an int"):
         tokens_after(10, [1.5])
+
+
+def test_kept_count_is_float_safe_and_keeps_one():
+    from vlmcompress.schedule import kept_count
+
+    assert kept_count(0.07, 100) == 7 and kept_count(0.28, 25) == 7 and kept_count(0.14, 50) == 7
+    assert kept_count(0.5, 7) == 4
+    assert kept_count(1e-9, 10) == 1

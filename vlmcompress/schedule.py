@@ -14,6 +14,15 @@ from ._checks import check_int
 __all__ = ["merge_schedule", "tokens_after"]
 
 
+def kept_count(ratio: float, count: int) -> int:
+    """``ceil(ratio · count)``, at least 1: how many of ``count`` tokens a kept ratio keeps.
+
+    The product is rounded to 9 decimals first: ``0.07 * 100 == 7.000000000000001`` in float, whose plain
+    ceil would keep 8 tokens.
+    """
+    return max(1, math.ceil(round(ratio * count, 9)))
+
+
 def merge_schedule(num_tokens: int, num_layers: int, *, r: int | None = None, ramp: float = 0.0,
                    keep_ratio: float | None = None, target: int | None = None,
                    protected: int = 0) -> list[int]:
@@ -54,8 +63,7 @@ def merge_schedule(num_tokens: int, num_layers: int, *, r: int | None = None, ra
     if keep_ratio is not None:
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
-        # round() first: 0.07 * 100 == 7.000000000000001 in float, whose plain ceil keeps 8 tokens.
-        target = min(num_tokens, math.ceil(round(keep_ratio * num_tokens, 9)))
+        target = min(num_tokens, kept_count(keep_ratio, num_tokens))
     target = check_int("target", target, minimum=0, maximum=num_tokens)
     return _towards_target(num_tokens, num_layers, target, protected)
 
