@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 _POSITION_MODES = ("centroid",)
@@ -122,9 +122,6 @@ class CompressionConfig:
             raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
         return replace(PRESETS[name], **overrides)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def _check_scorer(scorer, budget_method: str) -> None:
