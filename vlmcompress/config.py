@@ -123,7 +123,6 @@ class CompressionConfig:
         return replace(PRESETS[name], **overrides)
 
 
-
 def _check_scorer(scorer, budget_method: str) -> None:
     if isinstance(scorer, type):
         raise TypeError(f"relevance must be a scorer instance, got the class {scorer.__name__}; e.g. "
