@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import functools
 import math
-from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vlmcompress.adapters import compressed, patch, unpatch
 from vlmcompress.config import CompressionConfig
-from vlmcompress.merge import bipartite_soft_matching, temporal_tokens_after
 from vlmcompress.pool import grid_for_budget
-from vlmcompress.state import TokenState
-from vlmcompress.testing.tiny_models import tiny_model, tiny_processor
+from vlmcompress.testing.adapter_checks import (cached_model, cached_processor, chat_inputs, generate_tokens,
+                                                left_pad, llm_calls, merge_groups, planned_tokens, random_media,
+                                                window_pool)
 
 FAMILY = "internvl"
 FRAMES = 4
@@ -38,41 +35,13 @@ IDS = ["image", "video-grouped", "video-per-frame"]
 
 
 # --- helpers -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _model(attn: str = "sdpa"):
-    return tiny_model(FAMILY, attn_implementation=attn)
-
-
-@functools.lru_cache(maxsize=None)
-def _processor():
-    return tiny_processor(FAMILY)
-
-
-def _media(kind: str, seed: int, size=(64, 64), static: bool = False):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    if kind == "image":
-        return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
-    if static:
-        return np.repeat(rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8), FRAMES, 0)
-    return rng.integers(0, 256, (FRAMES, 64, 64, 3), dtype=np.uint8)
+_media = functools.partial(random_media, size=(64, 64), frame_size=(64, 64), frames=FRAMES)
 
 
 def _inputs(samples):
     """Processor outputs for one-turn chats; ``samples`` is a list of (blocks, prompt), each block
     ``(kind, media)``. Left padding."""
-    processor = _processor()
-    conv = [[{"role": "user", "content": [*({"type": k, k: m} for k, m in blocks), {"type": "text", "text": prompt}]}]
-            for blocks, prompt in samples]
-    processor.tokenizer.padding_side = "left"
-    kwargs = {"padding": True}
-    videos = [m for blocks, _ in samples for k, m in blocks if k == "video"]
-    if videos:
-        kwargs["video_metadata"] = [{"total_num_frames": FRAMES, "fps": 2.0, "duration": FRAMES / 2,
-                                     "frames_indices": list(range(FRAMES))}] * len(videos)
-    return processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt", processor_kwargs=kwargs)
+    return chat_inputs(cached_processor(FAMILY), samples)
 
 
 def _sample(kind: str, i: int):
@@ -87,7 +56,7 @@ def _batch(kind: str):
 
 
 def _processor_for(grouped: bool):
-    return _processor() if grouped else None
+    return cached_processor(FAMILY) if grouped else None
 
 
 def _items(kind: str, grouped: bool, n_visual: int):
@@ -101,40 +70,6 @@ def _items(kind: str, grouped: bool, n_visual: int):
     return [(TILE, (1, SIDE, SIDE))] * (n_visual // TILE)
 
 
-def _planned(n: int, grid, config: CompressionConfig) -> int:
-    """Tokens one item sends to the LLM, in closed form."""
-    target = min(n, math.ceil(config.keep_ratio * n))
-    if grid is None:
-        return target
-    out = grid_for_budget(grid, target)
-    count = math.prod(out)
-    if config.temporal_keep < 1.0 and out[0] > 1:
-        per = out[1] * out[2]
-        count = temporal_tokens_after(count, out[0], per - math.ceil(config.temporal_keep * per))
-    return count
-
-
-@contextmanager
-def _llm_calls(model):
-    """Record (sequence length, position_ids) of every call into the LLM (the first is the prefill)."""
-    seen = []
-
-    def hook(module, args, kwargs):
-        seen.append((kwargs["inputs_embeds"].shape[1], kwargs.get("position_ids")))
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def _gen(model, inputs, **kw):
-    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, **kw}
-    with torch.no_grad():
-        return model.generate(**inputs, **kw)
-
-
 def _n_visual(model, inputs) -> list[int]:
     return (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
 
@@ -142,18 +77,18 @@ def _n_visual(model, inputs) -> list[int]:
 # --- identity and unpatch ----------------------------------------------------------------------
 @pytest.mark.parametrize("kind,grouped", CASES, ids=IDS)
 def test_identity_config_and_unpatch_are_exact(kind, grouped):
-    model = _model()
+    model = cached_model(FAMILY)
     inputs = _batch(kind)
     before = set(model.__dict__)
     with torch.no_grad():
         ref = model(**inputs).logits
-    ref_tokens = _gen(model, inputs)
+    ref_tokens = generate_tokens(model, inputs)
 
     patch(model, CompressionConfig(), processor=_processor_for(grouped))
     try:
         with torch.no_grad():
             assert torch.equal(model(**inputs).logits, ref)
-        assert torch.equal(_gen(model, inputs), ref_tokens)
+        assert torch.equal(generate_tokens(model, inputs), ref_tokens)
         assert model.vlmcompress.report.visual_after == model.vlmcompress.report.visual_before
         model.vlmcompress.config = COMPRESS[kind]           # change config on the patched model
         with torch.no_grad():
@@ -167,24 +102,24 @@ def test_identity_config_and_unpatch_are_exact(kind, grouped):
     assert model.generate.__func__ is type(model).generate
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
-    assert torch.equal(_gen(model, inputs), ref_tokens)
+    assert torch.equal(generate_tokens(model, inputs), ref_tokens)
 
 
 # --- compressed prefill and generation ---------------------------------------------------------
 @pytest.mark.parametrize("kind,grouped", CASES, ids=IDS)
 def test_prefill_length_is_planned_and_generate_works(kind, grouped):
-    model = _model()
+    model = cached_model(FAMILY)
     inputs = _batch(kind)
     mask = inputs["attention_mask"]
     n_visual = _n_visual(model, inputs)
     # temporal_keep is the closed-form variant of temporal merging.
     config = CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5, temporal_keep=0.5 if kind == "video" else 1.0)
-    plans = [[_planned(n, g, config) for n, g in _items(kind, grouped, nv)] for nv in n_visual]
+    plans = [[planned_tokens(n, g, config) for n, g in _items(kind, grouped, nv)] for nv in n_visual]
     rows = [int(mask[b].sum()) - nv + sum(plans[b]) for b, nv in enumerate(n_visual)]
 
     with compressed(model, config, processor=_processor_for(grouped)):
-        with _llm_calls(model) as calls:
-            out = _gen(model, inputs)
+        with llm_calls(model) as calls:
+            out = generate_tokens(model, inputs)
         report = model.vlmcompress.report
         assert [[i.after_compress for i in report.items if i.row == b] for b in range(2)] == plans
         prefill_len, prefill_pos = calls[0]
@@ -203,23 +138,23 @@ def test_prefill_length_is_planned_and_generate_works(kind, grouped):
         assert logits.shape[1] == max(rows)
         assert torch.equal(out[:, prompt], logits[:, -1].argmax(-1))
         # KV cache on and off agree; sampling runs and is reproducible under a seed.
-        assert torch.equal(_gen(model, inputs, use_cache=False), out)
+        assert torch.equal(generate_tokens(model, inputs, use_cache=False), out)
         torch.manual_seed(0)
-        s1 = _gen(model, inputs, do_sample=True, top_k=50)
+        s1 = generate_tokens(model, inputs, do_sample=True, top_k=50)
         torch.manual_seed(0)
-        s2 = _gen(model, inputs, do_sample=True, top_k=50)
+        s2 = generate_tokens(model, inputs, do_sample=True, top_k=50)
         assert s1.shape == out.shape and torch.equal(s1, s2)
         # Rows repeated by generate() (different counts per row) get their own features back:
         # top_k=1 sampling is greedy, so each returned sequence and its logits equal its row's.
-        greedy = _gen(model, inputs, output_logits=True, return_dict_in_generate=True)
-        rep = _gen(model, inputs, do_sample=True, top_k=1, num_return_sequences=2,
+        greedy = generate_tokens(model, inputs, output_logits=True, return_dict_in_generate=True)
+        rep = generate_tokens(model, inputs, do_sample=True, top_k=1, num_return_sequences=2,
                    output_logits=True, return_dict_in_generate=True)
         assert torch.equal(rep.sequences, out.repeat_interleave(2, dim=0))
         for a, b in zip(rep.logits, greedy.logits):
             torch.testing.assert_close(a, b.repeat_interleave(2, dim=0), atol=1e-5, rtol=1e-5)
 
         model.vlmcompress.config = COMPRESS[kind]           # the data-dependent temporal threshold
-        out = _gen(model, inputs)
+        out = generate_tokens(model, inputs)
         report = model.vlmcompress.report
         assert out.shape[1] == inputs["input_ids"].shape[1] + 4
         assert report.visual_after < report.visual_before
@@ -244,27 +179,6 @@ def _v2pe(visual: list[bool], delta: float) -> torch.Tensor:
     return torch.tensor(pos, dtype=torch.float64)
 
 
-def _pool_by_hand(values: torch.Tensor, grid, out_grid, op="avg"):
-    """avg (or min) pooling of ``values [N, C]`` on ``grid`` with PPLLaVA's windows (stride I//O,
-    kernel I-(O-1)·stride); outputs in raster order."""
-    ks = [i - (o - 1) * (i // o) for i, o in zip(grid, out_grid)]
-    ss = [i // o for i, o in zip(grid, out_grid)]
-    x = values.T.reshape(1, -1, *grid)
-    y = F.avg_pool3d(x, ks, ss) if op == "avg" else -F.max_pool3d(-x, ks, ss)
-    return y.reshape(values.shape[1], -1).T
-
-
-def _merge_groups(feats, target) -> list[torch.Tensor]:
-    """Bipartite merging to ``target`` tokens: the groups (source indices) from the library's matching;
-    the test averages them itself."""
-    n = feats.shape[0]
-    state = TokenState(feats[None], torch.ones(1, n), torch.zeros(1, n, 3), torch.arange(n)[None])
-    while state.num_tokens > target:
-        state = bipartite_soft_matching(state.x, state.num_tokens - target).merge(state)
-    group = state.source[0]
-    return [torch.nonzero(group == g)[:, 0] for g in range(state.num_tokens)]
-
-
 def _compress_by_hand(feats, cols, pos, grid, config):
     """One item: ``feats [N, C]``, its placeholder columns and V2PE positions. Returns per output token
     (feature, position, anchor column): the mean of its sources, their mean position, their first column."""
@@ -272,11 +186,11 @@ def _compress_by_hand(feats, cols, pos, grid, config):
     target = math.ceil(config.keep_ratio * n)
     if grid is not None:
         out_grid = grid_for_budget(grid, target)
-        x = _pool_by_hand(feats.double(), grid, out_grid).to(feats.dtype)
-        p = _pool_by_hand(pos[:, None], grid, out_grid)[:, 0]
-        c = _pool_by_hand(cols[:, None].double(), grid, out_grid, op="min")[:, 0].long()
+        x = window_pool(feats.double(), grid, out_grid).to(feats.dtype)
+        p = window_pool(pos[:, None], grid, out_grid)[:, 0]
+        c = window_pool(cols[:, None].double(), grid, out_grid, op="min")[:, 0].long()
         return x, p, c
-    groups = _merge_groups(feats, target)
+    groups = merge_groups(feats, target)
     x = torch.stack([feats[g].double().mean(0) for g in groups]).to(feats.dtype)
     return x, torch.stack([pos[g].mean() for g in groups]), torch.stack([cols[g].min() for g in groups])
 
@@ -305,48 +219,40 @@ def _reference(model, kind, grouped, inputs, config):
             start, used = start + n, used + n
         rows.append((emb[keep], pos[keep]))
     assert used == feats.shape[0]
-    length = max(e.shape[0] for e, _ in rows)
-    embeds = torch.zeros(len(rows), length, rows[0][0].shape[1])
-    position_ids = torch.zeros(len(rows), length)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, (e, p) in enumerate(rows):
-        embeds[b, length - e.shape[0]:] = e
-        position_ids[b, length - e.shape[0]:] = p.float()
-        mask[b, length - e.shape[0]:] = 1
-    return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
+    return left_pad(rows)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind,grouped", CASES, ids=IDS)
 def test_matches_hand_built_reference(kind, grouped, attn):
-    model = _model(attn)
+    model = cached_model(FAMILY, attn)
     inputs = _batch(kind)
     config = CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5)
     ref_inputs = _reference(model, kind, grouped, inputs, config)
     real = ref_inputs["attention_mask"].bool()
     with torch.no_grad():
         ref_logits = model(**ref_inputs).logits
-    ref_tokens = _gen(model, ref_inputs)                  # new tokens only (inputs_embeds)
+    ref_tokens = generate_tokens(model, ref_inputs)                  # new tokens only (inputs_embeds)
 
     with compressed(model, config, processor=_processor_for(grouped)):
-        with torch.no_grad(), _llm_calls(model) as calls:
+        with torch.no_grad(), llm_calls(model) as calls:
             logits = model(**inputs).logits
         assert logits.shape[1] == real.shape[1]
         assert torch.allclose(calls[0][1][real], ref_inputs["position_ids"][real])
         torch.testing.assert_close(logits[real], ref_logits[real], atol=2e-5, rtol=1e-5)
-        out = _gen(model, inputs)
+        out = generate_tokens(model, inputs)
     assert torch.equal(out[:, -4:], ref_tokens)
 
 
 # --- batch independence ------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,grouped", CASES, ids=IDS)
 def test_batch_of_two_equals_each_alone(kind, grouped):
-    model = _model()
+    model = cached_model(FAMILY)
     batch = _batch(kind)
     with compressed(model, COMPRESS[kind], processor=_processor_for(grouped)):
         with torch.no_grad():
             logits = model(**batch).logits[:, -1]
-        out = _gen(model, batch)
+        out = generate_tokens(model, batch)
         report = model.vlmcompress.report
         counts = [[i.after_compress for i in report.items if i.row == b] for b in range(2)]
         if kind == "video" and grouped:     # the static video collapses across frames, the moving one less
@@ -355,19 +261,19 @@ def test_batch_of_two_equals_each_alone(kind, grouped):
             single = _inputs([_sample(kind, i)])
             with torch.no_grad():
                 torch.testing.assert_close(model(**single).logits[:, -1], logits[i:i + 1], atol=1e-4, rtol=1e-4)
-            assert torch.equal(_gen(model, single)[0, -4:], out[i, -4:])
+            assert torch.equal(generate_tokens(model, single)[0, -4:], out[i, -4:])
             assert [it.after_compress for it in model.vlmcompress.report.items] == counts[i]
 
 
 # --- which blocks form one item ----------------------------------------------------------------
 def test_frames_of_a_video_form_one_item_only_with_the_processor():
-    model = _model()
+    model = cached_model(FAMILY)
     image, video = _media("image", 1), _media("video", 2)
     # One row: an image, two videos back to back, two images; the other row: one image.
     inputs = _inputs([([("image", image), ("video", video), ("video", video), ("image", image), ("image", image)],
                        "Compare."), ([("image", image)], "Hi")])
     config = CompressionConfig(keep_ratio=0.5)
-    with compressed(model, config, processor=_processor()):
+    with compressed(model, config, processor=cached_processor(FAMILY)):
         model(**inputs)
         grouped = [(i.row, i.placeholders) for i in model.vlmcompress.report.items]
     with compressed(model, config):
@@ -380,10 +286,10 @@ def test_frames_of_a_video_form_one_item_only_with_the_processor():
 def test_temporal_merging_collapses_a_static_video():
     """A static video grouped as one item: every later frame merges into the first (cosine 1), and each
     frame's features reach the LLM in its own block only where tokens survive."""
-    model = _model()
+    model = cached_model(FAMILY)
     inputs = _inputs([([("video", _media("video", 3, static=True))], "What happens?")])
-    with compressed(model, CompressionConfig(temporal_threshold=0.99), processor=_processor()):
-        _gen(model, inputs)
+    with compressed(model, CompressionConfig(temporal_threshold=0.99), processor=cached_processor(FAMILY)):
+        generate_tokens(model, inputs)
         (item,) = model.vlmcompress.report.items
     assert (item.placeholders, item.after_compress) == (FRAMES * TILE, TILE)
 
@@ -392,12 +298,12 @@ def test_temporal_merging_collapses_a_static_video():
 def test_save_reload_then_patch(tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    model = _model()
+    model = cached_model(FAMILY)
     inputs = _batch("video")
     model.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True).eval()
-    with compressed(model, COMPRESS["video"], processor=_processor()):
-        expected = _gen(model, inputs)
-    patch(loaded, COMPRESS["video"], processor=_processor())
-    assert torch.equal(_gen(loaded, inputs), expected)
+    with compressed(model, COMPRESS["video"], processor=cached_processor(FAMILY)):
+        expected = generate_tokens(model, inputs)
+    patch(loaded, COMPRESS["video"], processor=cached_processor(FAMILY))
+    assert torch.equal(generate_tokens(loaded, inputs), expected)
     assert loaded.vlmcompress.report.visual_after < loaded.vlmcompress.report.visual_before

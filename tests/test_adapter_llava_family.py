@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import functools
 import math
-from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vlmcompress.adapters import compressed, patch, unpatch
 from vlmcompress.config import CompressionConfig
-from vlmcompress.merge import bipartite_soft_matching, temporal_tokens_after
 from vlmcompress.pool import grid_for_budget
-from vlmcompress.state import TokenState
-from vlmcompress.testing.tiny_models import tiny_model, tiny_processor
+from vlmcompress.testing.adapter_checks import (cached_model, cached_processor, chat_inputs, generate_tokens,
+                                                left_pad, llm_calls, merge_groups, placeholder_id, planned_tokens,
+                                                random_media, window_pool)
 
 FRAMES = 4
 # (family, kind): every modality each family supports in transformers.
@@ -40,42 +37,15 @@ FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision"]
 
 
 # --- fixtures and helpers ----------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _model(family: str, attn: str = "sdpa"):
-    return tiny_model(family, attn_implementation=attn)
-
-
-@functools.lru_cache(maxsize=None)
-def _processor(family: str):
-    return tiny_processor(family)
-
-
-def _media(kind: str, seed: int, size=(48, 48), static: bool = False):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    if kind == "image":
-        return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
-    if static:
-        return np.repeat(rng.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8), FRAMES, 0)
-    return rng.integers(0, 256, (FRAMES, 48, 48, 3), dtype=np.uint8)
+_media = functools.partial(random_media, size=(48, 48), frame_size=(48, 48), frames=FRAMES)
 
 
 def _inputs(family: str, kind: str, samples):
     """Processor outputs for one-turn chats; ``samples`` is a list of (media, prompt). Left padding."""
-    processor = _processor(family)
     block = "video" if kind == "video" else "image"
-    conv = []
-    for media, prompt in samples:
-        blocks = [{"type": block, block: m} for m in (media if isinstance(media, list) else [media])]
-        conv.append([{"role": "user", "content": blocks + [{"type": "text", "text": prompt}]}])
-    processor.tokenizer.padding_side = "left"
-    kwargs = {"padding": True}
-    if kind == "video":
-        kwargs["video_metadata"] = [{"total_num_frames": FRAMES, "fps": 2.0, "duration": FRAMES / 2,
-                                     "frames_indices": list(range(FRAMES))}] * len(samples)
-    return processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt", processor_kwargs=kwargs)
+    return chat_inputs(cached_processor(family),
+                       [([(block, m) for m in (media if isinstance(media, list) else [media])], prompt)
+                        for media, prompt in samples])
 
 
 # Two different samples: different media (and, for images, different sizes, hence token counts) and
@@ -94,10 +64,6 @@ def _batch(family: str, kind: str):
     return _inputs(family, kind, [_sample(kind, 0), _sample(kind, 1)])
 
 
-def _token_id(model, kind: str) -> int:
-    return model.config.video_token_id if kind == "video" else model.config.image_token_id
-
-
 def _layout(family: str, kind: str, n: int):
     """(grid of the compressible head, kept tail tokens) of one item of ``n`` placeholders, from what
     each family writes (see tiny_models' notes): LLaVA 1.5 a 6×6 grid; any-res images no grid;
@@ -112,39 +78,10 @@ def _layout(family: str, kind: str, n: int):
     return (FRAMES, 3, 3), 1
 
 
-def _planned(n: int, grid, tail: int, config: CompressionConfig) -> int:
-    """Tokens one item sends to the LLM, in closed form, before running anything."""
-    head = n - tail
-    target = min(head, math.ceil(config.keep_ratio * head))
-    if grid is None:
-        return target + tail
-    out = grid_for_budget(grid, target)
-    count = math.prod(out)
-    if config.temporal_keep < 1.0 and out[0] > 1:
-        per = out[1] * out[2]
-        count = temporal_tokens_after(count, out[0], per - math.ceil(config.temporal_keep * per))
-    return count + tail
-
-
-@contextmanager
-def _llm_calls(model):
-    """Record (sequence length, position_ids) of every call into the LLM (the first is the prefill)."""
-    seen = []
-
-    def hook(module, args, kwargs):
-        seen.append((kwargs["inputs_embeds"].shape[1], kwargs.get("position_ids")))
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def _gen(model, inputs, **kw):
-    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, **kw}
-    with torch.no_grad():
-        return model.generate(**inputs, **kw)
+def _planned(family: str, kind: str, n: int, config: CompressionConfig) -> int:
+    """Tokens one item of ``n`` placeholders sends to the LLM, in closed form, before running anything."""
+    grid, tail = _layout(family, kind, n)
+    return planned_tokens(n, grid, config, tail=tail)
 
 
 COMPRESS = {"image": CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5),
@@ -155,18 +92,18 @@ COMPRESS = {"image": CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5),
 # --- identity and unpatch ----------------------------------------------------------------------
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_identity_config_and_unpatch_are_exact(family, kind):
-    model = _model(family)
+    model = cached_model(family)
     inputs = _batch(family, kind)
     before = set(model.__dict__)
     with torch.no_grad():
         ref = model(**inputs).logits
-    ref_tokens = _gen(model, inputs)
+    ref_tokens = generate_tokens(model, inputs)
 
     patch(model, CompressionConfig())
     try:
         with torch.no_grad():
             assert torch.equal(model(**inputs).logits, ref)
-        assert torch.equal(_gen(model, inputs), ref_tokens)
+        assert torch.equal(generate_tokens(model, inputs), ref_tokens)
         assert model.vlmcompress.report.visual_after == model.vlmcompress.report.visual_before
         model.vlmcompress.config = COMPRESS[kind]           # change config on the patched model
         with torch.no_grad():
@@ -180,26 +117,26 @@ def test_identity_config_and_unpatch_are_exact(family, kind):
     assert model.generate.__func__ is type(model).generate
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
-    assert torch.equal(_gen(model, inputs), ref_tokens)
+    assert torch.equal(generate_tokens(model, inputs), ref_tokens)
 
 
 # --- compressed prefill and generation ---------------------------------------------------------
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_prefill_length_is_planned_and_generate_works(family, kind):
-    model = _model(family)
+    model = cached_model(family)
     inputs = _batch(family, kind)
     mask = inputs["attention_mask"]
-    token_id = _token_id(model, kind)
+    token_id = placeholder_id(model, kind)
     n_visual = (inputs["input_ids"] == token_id).sum(1).tolist()
     # temporal_keep is the closed-form variant of temporal merging.
     config = CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5, temporal_keep=0.5 if kind == "video" else 1.0)
     rows = [int(mask[b].sum()) - n_visual[b]
-            + sum(_planned(n, *_layout(family, kind, n), config) for _, n in _runs(inputs["input_ids"][b], token_id))
+            + sum(_planned(family, kind, n, config) for _, n in _runs(inputs["input_ids"][b], token_id))
             for b in range(2)]
 
     with compressed(model, config):
-        with _llm_calls(model) as calls:
-            out = _gen(model, inputs)
+        with llm_calls(model) as calls:
+            out = generate_tokens(model, inputs)
         report = model.vlmcompress.report
         prefill_len, prefill_pos = calls[0]
         assert report.prefill_after == rows
@@ -217,15 +154,15 @@ def test_prefill_length_is_planned_and_generate_works(family, kind):
         assert logits.shape[1] == max(rows)
         assert torch.equal(out[:, prompt], logits[:, -1].argmax(-1))
         # KV cache on and off agree; sampling runs and is reproducible under a seed.
-        assert torch.equal(_gen(model, inputs, use_cache=False), out)
+        assert torch.equal(generate_tokens(model, inputs, use_cache=False), out)
         torch.manual_seed(0)
-        s1 = _gen(model, inputs, do_sample=True, top_k=50)
+        s1 = generate_tokens(model, inputs, do_sample=True, top_k=50)
         torch.manual_seed(0)
-        s2 = _gen(model, inputs, do_sample=True, top_k=50)
+        s2 = generate_tokens(model, inputs, do_sample=True, top_k=50)
         assert s1.shape == out.shape and torch.equal(s1, s2)
 
         model.vlmcompress.config = COMPRESS[kind]           # the data-dependent temporal threshold
-        out = _gen(model, inputs)
+        out = generate_tokens(model, inputs)
         report = model.vlmcompress.report
         assert out.shape[1] == inputs["input_ids"].shape[1] + 4
         assert report.visual_after < report.visual_before
@@ -246,30 +183,19 @@ def _item_features(model, family, kind, inputs):
 
 
 def _pool_by_hand(feats, grid, out_grid):
-    """avg_pool3d with PPLLaVA's windows (stride I//O, kernel I-(O-1)·stride), and each output's mean
-    raster index (its centroid offset inside the run)."""
-    ks = [i - (o - 1) * (i // o) for i, o in zip(grid, out_grid)]
-    ss = [i // o for i, o in zip(grid, out_grid)]
-    x = feats.T.reshape(1, -1, *grid).double()
-    pooled = F.avg_pool3d(x, ks, ss).reshape(feats.shape[1], -1).T.to(feats.dtype)
-    raster = torch.arange(math.prod(grid), dtype=torch.float64).reshape(1, 1, *grid)
-    return pooled, F.avg_pool3d(raster, ks, ss).flatten()
+    """avg_pool3d with PPLLaVA's windows, and each output's mean raster index (its centroid offset
+    inside the run)."""
+    raster = torch.arange(math.prod(grid), dtype=torch.float64)[:, None]
+    return window_pool(feats.double(), grid, out_grid).to(feats.dtype), window_pool(raster, grid, out_grid)[:, 0]
 
 
 def _merge_by_hand(feats, target):
     """Bipartite merging to ``target`` tokens: the groups come from the library's matching, the merged
     features (plain mean over each group's original tokens) and centroids are computed here. Tokens
     are ordered by the first original token they hold."""
-    n = feats.shape[0]
-    state = TokenState(feats[None], torch.ones(1, n), torch.zeros(1, n, 3), torch.arange(n)[None])
-    while state.num_tokens > target:
-        state = bipartite_soft_matching(state.x, state.num_tokens - target).merge(state)
-    group = state.source[0]
-    first = torch.stack([torch.nonzero(group == g)[0, 0] for g in range(target)])
-    order = first.argsort()
-    means = torch.stack([feats[group == g].double().mean(0) for g in order.tolist()]).to(feats.dtype)
-    raster = torch.stack([torch.nonzero(group == g)[:, 0].double().mean() for g in order.tolist()])
-    return means, raster
+    groups = sorted(merge_groups(feats, target), key=lambda g: int(g[0]))
+    means = torch.stack([feats[g].double().mean(0) for g in groups]).to(feats.dtype)
+    return means, torch.stack([g.double().mean() for g in groups])
 
 
 def _runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
@@ -287,7 +213,7 @@ def _runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
 
 def _reference(model, family, kind, inputs, config):
     """``inputs_embeds``, ``attention_mask``, ``position_ids`` for the unpatched model, built by hand."""
-    token_id = _token_id(model, kind)
+    token_id = placeholder_id(model, kind)
     delta = config.v2pe_delta
     embed = model.get_input_embeddings()
     feats = iter(_item_features(model, family, kind, inputs))
@@ -318,48 +244,40 @@ def _reference(model, family, kind, inputs, config):
         with torch.no_grad():
             embs.append(embed(ids[cursor:]))
         rows.append((torch.cat(embs), torch.cat(poss)))
-    length = max(e.shape[0] for e, _ in rows)
-    embeds = torch.zeros(len(rows), length, rows[0][0].shape[1])
-    position_ids = torch.zeros(len(rows), length)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, (e, p) in enumerate(rows):
-        embeds[b, length - e.shape[0]:] = e
-        position_ids[b, length - e.shape[0]:] = p.float()
-        mask[b, length - e.shape[0]:] = 1
-    return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
+    return left_pad(rows)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_matches_hand_built_reference(family, kind, attn):
-    model = _model(family, attn)
+    model = cached_model(family, attn)
     inputs = _batch(family, kind)
     config = CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5)
     ref_inputs = _reference(model, family, kind, inputs, config)
     real = ref_inputs["attention_mask"].bool()
     with torch.no_grad():
         ref_logits = model(**ref_inputs).logits
-    ref_tokens = _gen(model, ref_inputs)                  # new tokens only (inputs_embeds)
+    ref_tokens = generate_tokens(model, ref_inputs)                  # new tokens only (inputs_embeds)
 
     with compressed(model, config):
-        with torch.no_grad(), _llm_calls(model) as calls:
+        with torch.no_grad(), llm_calls(model) as calls:
             logits = model(**inputs).logits
         assert torch.allclose(calls[0][1][real], ref_inputs["position_ids"][real])
         torch.testing.assert_close(logits[real], ref_logits[real], atol=2e-5, rtol=1e-5)
-        out = _gen(model, inputs)
+        out = generate_tokens(model, inputs)
     assert torch.equal(out[:, -4:], ref_tokens)
 
 
 # --- batch independence ------------------------------------------------------------------------
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_batch_of_two_equals_each_alone(family, kind):
-    model = _model(family)
+    model = cached_model(family)
     config = COMPRESS[kind]
     batch = _batch(family, kind)
     with compressed(model, config):
         with torch.no_grad():
             logits = model(**batch).logits[:, -1]
-        out = _gen(model, batch)
+        out = generate_tokens(model, batch)
         report = model.vlmcompress.report
         if kind == "video":        # the static and the moving video keep different counts
             assert report.items[0].after_compress < report.items[1].after_compress
@@ -367,7 +285,7 @@ def test_batch_of_two_equals_each_alone(family, kind):
             single = _inputs(family, kind, [_sample(kind, i)])
             with torch.no_grad():
                 torch.testing.assert_close(model(**single).logits[:, -1], logits[i:i + 1], atol=1e-4, rtol=1e-4)
-            assert torch.equal(_gen(model, single)[0, -4:], out[i, -4:])
+            assert torch.equal(generate_tokens(model, single)[0, -4:], out[i, -4:])
             assert model.vlmcompress.report.items[0].after_compress == report.items[i].after_compress
 
 
@@ -377,14 +295,14 @@ def test_save_reload_then_patch(family, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     kind = "video" if family in ("llava_next_video", "llava_onevision") else "image"
-    model = _model(family)
+    model = cached_model(family)
     inputs = _batch(family, kind)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True).eval()
     with compressed(model, COMPRESS[kind]):
-        expected = _gen(model, inputs)
+        expected = generate_tokens(model, inputs)
     patch(loaded, COMPRESS[kind])
-    assert torch.equal(_gen(loaded, inputs), expected)
+    assert torch.equal(generate_tokens(loaded, inputs), expected)
     assert loaded.vlmcompress.report.visual_after < loaded.vlmcompress.report.visual_before
 
 
@@ -403,7 +321,7 @@ def test_unsupported_model_names_supported_families():
 
 @pytest.mark.parametrize("bad", [{"keep_ratio": 0.5}, "balanced", 0.5], ids=["dict", "str", "float"])
 def test_wrong_config_type_raises_type_error(bad):
-    model = _model("llava_next")
+    model = cached_model("llava_next")
     with pytest.raises(TypeError, match="CompressionConfig"):
         patch(model, bad)
     assert "forward" not in model.__dict__
@@ -416,15 +334,15 @@ def test_onevision_video_beam_search_and_unequal_counts():
     """OneVision's forward reads video features as one tensor. Equal compressed counts go stacked, so
     generate() can repeat them per row (beam search = each row alone); different counts travel
     concatenated, which generate() cannot repeat row by row: a clear error, not features in the wrong rows."""
-    model = _model("llava_onevision")
+    model = cached_model("llava_onevision")
     inputs = _batch("llava_onevision", "video")
     singles = [_inputs("llava_onevision", "video", [_sample("video", i)]) for i in range(2)]
     beams = {"num_beams": 2, "num_return_sequences": 2}
     with compressed(model, CompressionConfig(keep_ratio=0.25)):
-        out = _gen(model, inputs, **beams)
+        out = generate_tokens(model, inputs, **beams)
         for i in range(2):
-            assert torch.equal(_gen(model, singles[i], **beams)[:, -4:], out[2 * i:2 * i + 2, -4:])
+            assert torch.equal(generate_tokens(model, singles[i], **beams)[:, -4:], out[2 * i:2 * i + 2, -4:])
     with compressed(model, COMPRESS["video"]):
         with pytest.raises(ValueError, match="num_return_sequences"):
-            _gen(model, inputs, do_sample=True, num_return_sequences=2)
-        assert _gen(model, singles[1], do_sample=True, num_return_sequences=2).shape[0] == 2
+            generate_tokens(model, inputs, do_sample=True, num_return_sequences=2)
+        assert generate_tokens(model, singles[1], do_sample=True, num_return_sequences=2).shape[0] == 2

@@ -2,7 +2,6 @@
 equivalence to a hand-built reference, batching, attention back-ends, KV-cache decoding, save/load."""
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -15,7 +14,9 @@ pytest.importorskip("transformers")
 from vlmcompress.adapters import patch, prepare_inputs, unpatch  # noqa: E402
 from vlmcompress.config import CompressionConfig  # noqa: E402
 from vlmcompress.pool import grid_for_budget, pool_kernel_stride  # noqa: E402
-from vlmcompress.testing.tiny_models import save_tiny_checkpoint, tiny_model, tiny_processor  # noqa: E402
+from vlmcompress.testing.adapter_checks import (NEW_TOKENS, cached_model, cached_processor, chat_inputs,  # noqa: E402
+                                                generate_tokens, llm_calls, planned_tokens)
+from vlmcompress.testing.tiny_models import save_tiny_checkpoint  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 CASES = [(f, k) for f in FAMILIES for k in ("image", "video")]
@@ -28,17 +29,6 @@ VIDEO = {"qwen2_vl": (8, [(48, 96), (48, 48)]),         # (4, 3, 6) and (4, 3, 3
          "qwen3_vl": (6, [(64, 96), (64, 64)])}          # (3, 2, 3) and (3, 2, 2): 3 frame-group runs
 PROMPTS = ["Describe this in one sentence.", "What is the man on the left doing, and what color is the car?"]
 KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
-GEN = dict(max_new_tokens=4, min_new_tokens=4)
-
-
-@functools.lru_cache(maxsize=None)
-def _model(family: str, attn: str = "sdpa"):
-    return tiny_model(family, attn_implementation=attn)
-
-
-@functools.lru_cache(maxsize=None)
-def _processor(family: str):
-    return tiny_processor(family)
 
 
 def _media(family: str, kind: str, i: int):
@@ -61,17 +51,8 @@ def _media(family: str, kind: str, i: int):
 
 def _inputs(family: str, kind: str, rows=(0, 1), processor=None):
     """Processor outputs for samples ``rows`` (sample i always has the same media and prompt)."""
-    processor = processor or _processor(family)
-    processor.tokenizer.padding_side = "left"
-    chats = [[{"role": "user", "content": [{"type": kind, kind: _media(family, kind, i)},
-                                           {"type": "text", "text": PROMPTS[i]}]}] for i in rows]
-    kw = {"padding": True}
-    if kind == "video":
-        n = VIDEO[family][0]
-        kw["video_metadata"] = [{"total_num_frames": n, "fps": 2.0, "duration": n / 2, "frames_indices": list(range(n))}
-                                for _ in rows]
-    return dict(processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                              return_tensors="pt", processor_kwargs=kw))
+    return chat_inputs(processor or cached_processor(family),
+                       [([(kind, _media(family, kind, i))], PROMPTS[i]) for i in rows])
 
 
 def _config(kind: str, **extra) -> CompressionConfig:
@@ -83,22 +64,16 @@ def _grids(inputs, kind):
     return [(t, h // 2, w // 2) for t, h, w in inputs[KEYS[kind][1]].tolist()]
 
 
-def _planned(grid, kind, keep=0.25, temporal_keep=0.5) -> int:
-    """Tokens after pooling to ceil(keep·N) on the grid, then keeping temporal_keep of every later frame."""
-    n = math.prod(grid)
-    out = grid_for_budget(grid, max(1, math.ceil(keep * n)))
-    m = math.prod(out)
-    if kind == "video" and out[0] > 1:
-        per_frame = m // out[0]
-        m -= (out[0] - 1) * (per_frame - max(1, math.ceil(temporal_keep * per_frame)))
-    return m
+def _planned(grid, kind) -> int:
+    """Tokens of one item on ``grid`` under ``_config(kind)``, in closed form."""
+    return planned_tokens(math.prod(grid), grid, _config(kind))
 
 
 def _generate(model, inputs, seed=None, **kw):
+    """The new tokens ``[B, 4]``: sampled after ``torch.manual_seed(seed)`` when a seed is given, else greedy."""
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.no_grad():
-        return model.generate(**inputs, **GEN, do_sample=seed is not None, **kw)[:, -GEN["max_new_tokens"]:]
+    return generate_tokens(model, inputs, do_sample=seed is not None, **kw)[:, -NEW_TOKENS:]
 
 
 def _logits(model, inputs):
@@ -124,7 +99,7 @@ def patched():
 # --- identity ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_identity_config_and_unpatch_are_exact(family, kind, patched):
-    model, inputs = _model(family), _inputs(family, kind)
+    model, inputs = cached_model(family), _inputs(family, kind)
     ref, ref_tokens = _logits(model, inputs), _generate(model, inputs)
     patched(model, CompressionConfig())
     assert torch.equal(_logits(model, inputs), ref)
@@ -141,20 +116,16 @@ def test_identity_config_and_unpatch_are_exact(family, kind, patched):
 # --- planned counts, generation ----------------------------------------------------------------
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_prefill_has_planned_length_and_generates(family, kind, patched):
-    model, inputs = _model(family), _inputs(family, kind)
+    model, inputs = cached_model(family), _inputs(family, kind)
     before = inputs["attention_mask"].sum(1).tolist()
     grids = _grids(inputs, kind)
     expected = [before[b] - math.prod(grids[b]) + _planned(grids[b], kind) for b in range(2)]
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda mod, args, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
-    try:
+    with llm_calls(model) as calls:
         patched(model, _config(kind))
         greedy = _generate(model, inputs)
         report = model.vlmcompress.report
         sampled = _generate(model, inputs, seed=0)
-    finally:
-        hook.remove()
+    seen = [length for length, _ in calls]
     assert report.prefill_before == before
     assert report.prefill_after == expected
     assert [i.after_compress for i in report.items] == [_planned(g, kind) for g in grids]
@@ -165,7 +136,7 @@ def test_prefill_has_planned_length_and_generates(family, kind, patched):
 
 
 def test_temporal_threshold_shrinks_video_further(patched):
-    model, inputs = _model("qwen2_vl"), _inputs("qwen2_vl", "video")
+    model, inputs = cached_model("qwen2_vl"), _inputs("qwen2_vl", "video")
     patched(model, CompressionConfig(keep_ratio=0.25, temporal_threshold=-1.0, v2pe_delta=0.5))
     out = _generate(model, inputs)
     report = model.vlmcompress.report
@@ -249,7 +220,7 @@ def _reference_inputs(model, family, kind, inputs, keep=0.25, delta=0.5):
 
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_matches_hand_built_reference(family, kind, patched):
-    model, inputs = _model(family), _inputs(family, kind, rows=(0,))
+    model, inputs = cached_model(family), _inputs(family, kind, rows=(0,))
     ref = _reference_inputs(model, family, kind, inputs)
     ref_logits, ref_greedy, ref_sampled = _logits(model, ref), _generate(model, ref), _generate(model, ref, seed=3)
     patched(model, CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5))
@@ -261,7 +232,7 @@ def test_matches_hand_built_reference(family, kind, patched):
 # --- batching ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_batch_of_two_equals_each_alone(family, kind, patched):
-    model = patched(_model(family), _config(kind))
+    model = patched(cached_model(family), _config(kind))
     batch = _inputs(family, kind)
     assert not bool(batch["attention_mask"].all())          # different lengths: left padding
     logits, tokens = _logits(model, batch)[:, -1], _generate(model, batch)
@@ -274,7 +245,7 @@ def test_batch_of_two_equals_each_alone(family, kind, patched):
 # --- grid order, positions, decoding -----------------------------------------------------------
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_token_grid_is_raster_in_the_models_own_positions(family, kind):
-    model, inputs = _model(family), _inputs(family, kind)
+    model, inputs = cached_model(family), _inputs(family, kind)
     patch(model, CompressionConfig())
     try:
         adapter = model.vlmcompress.adapter
@@ -299,7 +270,7 @@ def test_manual_decoding_continues_with_rope_deltas(family, patched):
     """A hand-written KV-cache loop without position_ids (the model falls back on model.model.rope_deltas)
     gives the same tokens as generate(). One unpadded row: with an attention mask, transformers 5.24's
     rope_deltas fallback builds positions for the whole mask instead of the new token (its own bug)."""
-    model, inputs = _model(family), _inputs(family, "image", rows=(1,))
+    model, inputs = cached_model(family), _inputs(family, "image", rows=(1,))
     config = _config("image")
     patched(model, config)
     expected = _generate(model, inputs)
@@ -321,7 +292,7 @@ def test_qwen3_video_frames_keep_their_runs_and_mapped_positions(patched):
     """(3, 2, 3) pooled to (2, 1, 2): the t windows overlap (frames {0, 1} and {1, 2}); frame 1's tokens go
     to the first window, so the second window's first token, and its slot, is in frame group 2's run.
     Group 1's run is left empty (its tokens live on inside the pooled tokens)."""
-    model, inputs = _model("qwen3_vl"), _inputs("qwen3_vl", "video", rows=(0,))
+    model, inputs = cached_model("qwen3_vl"), _inputs("qwen3_vl", "video", rows=(0,))
     kw, report = prepare_inputs(patched(model, CompressionConfig()).vlmcompress.adapter,
                                 CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5), inputs)
     ids = kw["input_ids"][0].tolist()
@@ -344,7 +315,7 @@ def test_qwen3_video_frames_keep_their_runs_and_mapped_positions(patched):
 @pytest.mark.parametrize("family,kind", CASES, ids=IDS)
 def test_eager_and_sdpa_agree(family, kind, patched):
     inputs = _inputs(family, kind)
-    sdpa, eager = patched(_model(family), _config(kind)), patched(_model(family, "eager"), _config(kind))
+    sdpa, eager = patched(cached_model(family), _config(kind)), patched(cached_model(family, "eager"), _config(kind))
     a, b = _logits(eager, inputs), _logits(sdpa, inputs)
     for row, n in enumerate(sdpa.vlmcompress.report.prefill_after):   # left padding: pads attend to nothing
         torch.testing.assert_close(a[row, -n:], b[row, -n:], rtol=0, atol=1e-4)
@@ -361,30 +332,21 @@ def test_save_load_then_patch(family, tmp_path, patched):
     kind = "video" if family == "qwen3_vl" else "image"
     inputs = _inputs(family, kind, processor=processor)
     patched(loaded, _config(kind))
-    expected = _generate(patched(_model(family), _config(kind)), inputs)
+    expected = _generate(patched(cached_model(family), _config(kind)), inputs)
     assert torch.equal(_generate(loaded, inputs), expected)
     assert loaded.vlmcompress.report.visual_after < loaded.vlmcompress.report.visual_before
 
 
 def _mixed_inputs(family):
     """Row 0: an image and a video; row 1: a video alone (different lengths, left padding)."""
-    processor = _processor(family)
-    processor.tokenizer.padding_side = "left"
-    chats = [[{"role": "user", "content": [{"type": "image", "image": _media(family, "image", 0)},
-                                           {"type": "video", "video": _media(family, "video", 0)},
-                                           {"type": "text", "text": PROMPTS[0]}]}],
-             [{"role": "user", "content": [{"type": "video", "video": _media(family, "video", 1)},
-                                           {"type": "text", "text": PROMPTS[1]}]}]]
-    n = VIDEO[family][0]
-    meta = {"total_num_frames": n, "fps": 2.0, "duration": n / 2, "frames_indices": list(range(n))}
-    return dict(processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                              return_tensors="pt",
-                                              processor_kwargs={"padding": True, "video_metadata": [meta, meta]}))
+    return chat_inputs(cached_processor(family),
+                       [([("image", _media(family, "image", 0)), ("video", _media(family, "video", 0))], PROMPTS[0]),
+                        ([("video", _media(family, "video", 1))], PROMPTS[1])])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_images_and_videos_in_one_batch(family, patched):
-    model, inputs = _model(family), _mixed_inputs(family)
+    model, inputs = cached_model(family), _mixed_inputs(family)
     ref, ref_tokens = _logits(model, inputs), _generate(model, inputs)
     patched(model, CompressionConfig())
     assert torch.equal(_logits(model, inputs), ref) and torch.equal(_generate(model, inputs), ref_tokens)
@@ -431,7 +393,7 @@ def test_qwen3_vl_moe_matches_hand_built_reference(patched):
 
 
 def test_vision_merge_is_refused():
-    model = _model("qwen2_vl")
+    model = cached_model("qwen2_vl")
     with pytest.raises(ValueError, match="vision_keep"):
         patch(model, CompressionConfig(vision_keep=0.5))
     assert "forward" not in model.__dict__

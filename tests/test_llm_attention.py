@@ -5,14 +5,13 @@ position_ids the patched model gave it, and an explicit 4-D float mask = causal 
 every key (zero after the prompt). That the bias must sit on the key axis (a per-query bias cancels) is
 tested on the operator in test_attention.py.
 """
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 import vlmcompress as vc
 from vlmcompress.adapters.llm_attention import attention_modules
 from vlmcompress.adapters.pipeline import prepare_inputs
+from vlmcompress.testing.adapter_checks import llm_calls
 from vlmcompress.testing.tiny_models import tiny_inputs, tiny_model_and_processor
 
 MERGE = dict(keep_ratio=0.5, budget_method="merge")      # bipartite merging: sizes differ from token to token
@@ -34,18 +33,9 @@ def _config(flag=True, **kw):
     return vc.CompressionConfig(llm_proportional_attention=flag, **kw)
 
 
-@contextmanager
 def _record_llm_calls(model):
     """Record the keyword arguments of every call of the LLM (``model.model.language_model``)."""
-    calls = []
-
-    def hook(module, args, kwargs):
-        calls.append({k: v for k, v in kwargs.items() if k != "cache"})
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        handle.remove()
+    return llm_calls(model, record=lambda kwargs: {k: v for k, v in kwargs.items() if k != "cache"})
 
 
 def _mask(mask2d, past, q_len, log_size, dtype):

@@ -18,20 +18,10 @@ import vlmcompress as vc
 from vlmcompress.adapters.frames import as_scorer_frames, qwen_frames
 from vlmcompress.pool import grid_for_budget, prompt_guided_pool
 from vlmcompress.state import TokenState
-from vlmcompress.testing.tiny_models import tiny_model, tiny_processor
+from vlmcompress.testing.adapter_checks import cached_model, cached_processor, chat_inputs, placeholder_id
 
 KEEP = 0.25
 QUESTION = "Is there a white square on the left?"
-
-
-@functools.lru_cache(maxsize=None)
-def _model(family: str):
-    return tiny_model(family)
-
-
-@functools.lru_cache(maxsize=None)
-def _processor(family: str):
-    return tiny_processor(family)
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,16 +43,8 @@ def _inputs(family: str, kind: str, raw: np.ndarray, question: str = QUESTION):
     """Processor outputs for one user turn: an image (``raw[0]``) or a video (``raw``) then ``question``."""
     from PIL import Image
 
-    processor = _processor(family)
     media = raw if kind == "video" else Image.fromarray(raw[0])
-    conversation = [[{"role": "user", "content": [{"type": kind, kind: media}, {"type": "text", "text": question}]}]]
-    kwargs = {"padding": True}
-    if kind == "video":
-        t = len(raw)
-        kwargs["video_metadata"] = [dict(total_num_frames=t, fps=2.0, duration=t / 2, frames_indices=list(range(t)))]
-    processor.tokenizer.padding_side = "left"
-    return dict(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True, return_tensors="pt", processor_kwargs=kwargs))
+    return chat_inputs(cached_processor(family), [([(kind, media)], question)])
 
 
 def _prefill_visual(model, inputs, *, token_id, **generate_kwargs) -> torch.Tensor:
@@ -126,21 +108,17 @@ def _config():
     return vc.CompressionConfig(keep_ratio=KEEP, relevance=_scorer())
 
 
-def _token_id(model, kind):
-    return model.config.image_token_id if kind == "image" else model.config.video_token_id
-
-
 # --- end to end -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", list(CASES))
 def test_patched_generate_pools_with_clip_relevance(case):
     family, kind, size, features_of = CASES[case]
-    model, raw = _model(family), _raw(1, 4, size)
+    model, raw = cached_model(family), _raw(1, 4, size)
     inputs = _inputs(family, kind, raw)
     features, grid, tail = features_of(model, inputs)
     frames = raw if kind == "video" else raw[:1]
     expected = _pooled(features, grid, QUESTION, frames, tail=tail)
-    with vc.compressed(model, _config(), processor=_processor(family)):
-        got = _prefill_visual(model, inputs, token_id=_token_id(model, kind))     # question read from the prompt
+    with vc.compressed(model, _config(), processor=cached_processor(family)):
+        got = _prefill_visual(model, inputs, token_id=placeholder_id(model, kind))     # question read from the prompt
     assert got.shape == expected.shape and got.shape[0] < features.shape[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -148,9 +126,9 @@ def test_patched_generate_pools_with_clip_relevance(case):
 @pytest.mark.parametrize("case", ["llava-image", "qwen2_vl-video"])
 def test_different_questions_give_different_pooled_features(case):
     family, kind, size, _ = CASES[case]
-    model, inputs = _model(family), _inputs(family, kind, _raw(2, 4, size))
-    token_id = _token_id(model, kind)
-    with vc.compressed(model, _config(), processor=_processor(family)):
+    model, inputs = cached_model(family), _inputs(family, kind, _raw(2, 4, size))
+    token_id = placeholder_id(model, kind)
+    with vc.compressed(model, _config(), processor=cached_processor(family)):
         a = _prefill_visual(model, inputs, token_id=token_id, question="a white square")
         b = _prefill_visual(model, inputs, token_id=token_id, question="the noisy background at the bottom right")
     with vc.compressed(model, vc.CompressionConfig(keep_ratio=KEEP)):
@@ -171,14 +149,15 @@ def test_question_is_read_from_the_prompt_without_the_chat_template():
 
     for family, kind, size in [("llava", "image", (48, 48)), ("qwen2_vl", "video", (48, 48))]:
         recorder = Recorder()
-        model = _model(family)
-        with vc.compressed(model, vc.CompressionConfig(keep_ratio=KEEP, relevance=recorder), processor=_processor(family)):
+        model = cached_model(family)
+        config = vc.CompressionConfig(keep_ratio=KEEP, relevance=recorder)
+        with vc.compressed(model, config, processor=cached_processor(family)):
             model.generate(**_inputs(family, kind, _raw(3, 4, size), "What moves?"), max_new_tokens=1, do_sample=False)
         assert recorder.questions == ["What moves?"], family
 
 
 def test_no_question_is_a_clear_error():
-    model = _model("llava")
+    model = cached_model("llava")
     inputs = _inputs("llava", "image", _raw(4, 1, (48, 48)))
     with vc.compressed(model, _config()):                    # no processor: the prompt cannot be read
         with pytest.raises(ValueError, match="no question is known"):
@@ -204,9 +183,9 @@ FRAME_CASES = {
 def test_item_frames_recovers_the_pixels(case):
     """Sizes the processors keep as they are, so the frames must come back as the raw pixels / 255."""
     family, kind, modality, size, frames = FRAME_CASES[case]
-    model, raw = _model(family), _raw(5, frames, size)
+    model, raw = cached_model(family), _raw(5, frames, size)
     inputs = _inputs(family, kind, raw)
-    with vc.compressed(model, vc.CompressionConfig(), processor=_processor(family)):
+    with vc.compressed(model, vc.CompressionConfig(), processor=cached_processor(family)):
         got = model.vlmcompress.adapter.item_frames(modality, inputs, 0)
     want = torch.from_numpy(raw if kind == "video" else raw[:1]).permute(0, 3, 1, 2).float() / 255
     if family.startswith("qwen") and kind == "video" and frames % 2:
@@ -221,17 +200,17 @@ def test_item_frames_keeps_the_processor_resize():
 
     raw = _raw(6, 1, (60, 40))
     inputs = _inputs("llava", "image", raw)
-    resized = _processor("llava").image_processor(Image.fromarray(raw[0]), do_normalize=False,
+    resized = cached_processor("llava").image_processor(Image.fromarray(raw[0]), do_normalize=False,
                                                   return_tensors="pt")["pixel_values"]
-    model = _model("llava")
-    with vc.compressed(model, vc.CompressionConfig(), processor=_processor("llava")):
+    model = cached_model("llava")
+    with vc.compressed(model, vc.CompressionConfig(), processor=cached_processor("llava")):
         got = model.vlmcompress.adapter.item_frames("image", inputs, 0)
     assert got.shape == (1, 3, 48, 48)
     torch.testing.assert_close(got, resized.float(), atol=1e-6, rtol=0)
 
 
 def test_item_frames_without_processor_says_what_to_pass():
-    model = _model("llava")
+    model = cached_model("llava")
     inputs = _inputs("llava", "image", _raw(7, 1, (48, 48)))
     with vc.compressed(model, _config()):
         with pytest.raises(ValueError, match=r"processor=processor.*relevance_frames"):
@@ -241,7 +220,7 @@ def test_item_frames_without_processor_says_what_to_pass():
 def test_relevance_frames_override():
     """The caller's frames are what the scorer sees (no processor needed), in either layout."""
     family, kind, size, features_of = CASES["llava_onevision-video"]
-    model, raw = _model(family), _raw(8, 4, size)
+    model, raw = cached_model(family), _raw(8, 4, size)
     inputs = _inputs(family, kind, raw)
     other = np.ascontiguousarray(raw[:, :, ::-1])                     # mirrored: a different relevance map
     features, grid, tail = features_of(model, inputs)
@@ -268,9 +247,9 @@ def test_grid_less_items_are_merged_without_relevance():
         def score(self, question, frames, target_grid):
             raise AssertionError("the scorer must not run for an item without a grid")
 
-    model = _model("llava_next")
+    model = cached_model("llava_next")
     inputs = _inputs("llava_next", "image", _raw(9, 1, (48, 48)))
-    with vc.compressed(model, vc.CompressionConfig(keep_ratio=KEEP, relevance=Never()), processor=_processor("llava_next")):
+    with vc.compressed(model, vc.CompressionConfig(keep_ratio=KEEP, relevance=Never()), processor=cached_processor("llava_next")):
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
         item = model.vlmcompress.report.items[0]
     assert item.grid is None and item.after_compress == math.ceil(KEEP * item.placeholders)
@@ -286,7 +265,7 @@ def test_feature_space_scorer_is_still_supported():
             return torch.softmax(features[..., 0].float(), -1)
 
     scorer = FeatureScorer()
-    model = _model("llava")
+    model = cached_model("llava")
     inputs = _inputs("llava", "image", _raw(10, 1, (48, 48)))
     features, grid, _ = _llava_features(model, inputs)
     with vc.compressed(model, vc.CompressionConfig(keep_ratio=KEEP, relevance=scorer)):
