@@ -372,7 +372,10 @@ the time. Frames are sampled uniformly over the whole video, so a long video cos
 
 def build_app(*, device: str | None = None):
     """The Gradio Blocks app (not launched). ``device``: where models are loaded (None: where they load)."""
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ImportError as err:  # an optional extra
+        raise ImportError("the web demo needs gradio: pip install 'vlmcompress[demo]'") from err
 
     k0, t_on0, t0, d0 = preset_values(DEFAULT_PRESET)
     with gr.Blocks(title="vlmcompress demo", analytics_enabled=False) as app:

@@ -38,3 +38,17 @@ def test_every_public_name_resolves():
 
     for name in vlmcompress.__all__:
         assert getattr(vlmcompress, name) is not None, name
+
+
+def test_missing_extras_say_what_to_install():
+    # sys.modules[name] = None makes `import name` raise ImportError, as if the extra were not installed.
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import vlmcompress as vc\n"
+            "try:\n    vc.patch\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'vlmcompress[hf]'" in out.stdout
+    code = ("import sys; sys.modules['gradio'] = None\n"
+            "from vlmcompress.demo.app import build_app\n"
+            "try:\n    build_app()\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'vlmcompress[demo]'" in out.stdout
