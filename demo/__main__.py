@@ -14,7 +14,7 @@ from pathlib import Path
 import vlmcompress as vc
 from vlmcompress.config import PRESETS
 
-from .runner import TINY_PREFIX, ask, load
+from .runner import TINY_PREFIX, ask, load_for_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,11 +47,10 @@ def main(argv=None) -> int:
             print(f"vlmcompress.demo: could not read video {str(video)!r}: {e}", file=sys.stderr)
             return 2
         fps = clip.num_frames / max(clip.duration, 1e-6)
-        try:
-            model, processor = load(args.model, device=args.device)
-        except (OSError, ValueError) as e:                      # no such folder / hub id, unknown family
-            print(f"vlmcompress.demo: could not load model {args.model!r}: {e}", file=sys.stderr)
+        loaded = load_for_command("vlmcompress.demo", args.model, device=args.device)
+        if loaded is None:
             return 2
+        model, processor = loaded
         config = vc.CompressionConfig.preset(args.preset)
         base = ask(model, processor, clip.frames, args.question, fps=fps, config=None,
                    max_new_tokens=args.max_new_tokens)

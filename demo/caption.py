@@ -17,7 +17,7 @@ from tqdm import tqdm
 import vlmcompress as vc
 from vlmcompress.config import PRESETS
 
-from .runner import TINY_PREFIX, ask, load
+from .runner import TINY_PREFIX, ask, load_for_command
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 
@@ -70,11 +70,10 @@ def main(argv=None) -> int:
     if not todo:
         print(f"nothing to do: {len(videos)} videos, all in {args.output}")
         return 0
-    try:
-        model, processor = load(args.model, device=args.device)
-    except (OSError, ValueError) as e:                          # no such folder / hub id, unknown family
-        print(f"vlmcompress-caption: could not load model {args.model!r}: {e}", file=sys.stderr)
+    loaded = load_for_command("vlmcompress-caption", args.model, device=args.device)
+    if loaded is None:
         return 2
+    model, processor = loaded
     config = vc.CompressionConfig.preset(args.preset)
     failures = 0
     with args.output.open("a") as out:

@@ -2,6 +2,7 @@
 command and the Gradio app, so that all three run exactly the same path."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,16 @@ def _dtype(dtype):
         raise ValueError(f"dtype must be 'auto', a floating torch dtype or its name ('bfloat16', 'float16', "
                          f"'float32'), got {dtype!r}")
     return value
+
+
+def load_for_command(prog: str, name: str, *, device: str | None = None):
+    """``load`` for the command-line tools: ``(model, processor)``, or ``None`` after printing a one-line
+    error (no such folder or hub id, unknown tiny family) to stderr, so the command can exit with 2."""
+    try:
+        return load(name, device=device)
+    except (OSError, ValueError) as e:
+        print(f"{prog}: could not load model {name!r}: {e}", file=sys.stderr)
+        return None
 
 
 def video_inputs(processor, frames: np.ndarray, question: str, *, fps: float):

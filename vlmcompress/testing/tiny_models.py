@@ -282,6 +282,19 @@ def _cached_config(family: str):
             vision_end_token_id=ids["<|vision_end|>"],
         )
         head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+        # mrope_section splits head_dim/2 = 8 rotary pairs over (t, h, w); real [16, 24, 24]/64.
+        mrope_text = _text_config(ids, "chatml", rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
+        # The Qwen2.5-VL and Qwen3-VL towers share their shape; Qwen2-VL names its sizes differently.
+        qwen_tower = dict(
+            depth=_VISION_LAYERS,
+            hidden_size=_VISION_HIDDEN,
+            intermediate_size=_VISION_MLP,
+            num_heads=_VISION_HEADS,
+            out_hidden_size=_TEXT["hidden_size"],
+            patch_size=_PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         if family == "qwen2_vl":
             return tf.Qwen2VLConfig(
                 vision_config=dict(
@@ -294,42 +307,23 @@ def _cached_config(family: str):
                     spatial_merge_size=2,
                     temporal_patch_size=2,
                 ),
-                # mrope_section splits head_dim/2 = 8 rotary pairs over (t, h, w); real [16, 24, 24]/64.
-                text_config=_text_config(
-                    ids, "chatml", rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}
-                ),
+                text_config=mrope_text,
                 **qwen_ids,
             )
         if family == "qwen2_5_vl":
             return tf.Qwen2_5_VLConfig(
                 vision_config=dict(
-                    depth=_VISION_LAYERS,
-                    hidden_size=_VISION_HIDDEN,
-                    intermediate_size=_VISION_MLP,
-                    num_heads=_VISION_HEADS,
-                    out_hidden_size=_TEXT["hidden_size"],
-                    patch_size=_PATCH,
-                    spatial_merge_size=2,
-                    temporal_patch_size=2,
+                    qwen_tower,
                     window_size=4 * 2 * _PATCH,  # 4×4 merged tokens per window, as the real 112/(2·14)
                     fullatt_block_indexes=[1],
                     tokens_per_second=2,
                 ),
-                text_config=_text_config(
-                    ids, "chatml", rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}
-                ),
+                text_config=mrope_text,
                 **qwen_ids,
             )
         return tf.Qwen3VLConfig(
             vision_config=dict(
-                depth=_VISION_LAYERS,
-                hidden_size=_VISION_HIDDEN,
-                intermediate_size=_VISION_MLP,
-                num_heads=_VISION_HEADS,
-                out_hidden_size=_TEXT["hidden_size"],
-                patch_size=_PATCH,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
+                qwen_tower,
                 num_position_embeddings=64,  # an 8×8 learned table, interpolated to each grid
                 deepstack_visual_indexes=[0],
             ),
