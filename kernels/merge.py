@@ -16,14 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .unmerge import gather_rows
-
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the reference: fp64 for fp64 inputs, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .reference import acc_dtype
+from .unmerge import TL_ACC, gather_rows
 
 
 @triton.jit
@@ -147,7 +141,7 @@ def segment_sum(x, dst, num_out, *, size=None, pos=None, block_s=None, block_c=N
         n, num_out, c,
         *x.stride(), *pos_arg.stride(),
         WEIGHTED=weighted, NORMALIZE=weighted, HAS_POS=has_pos,
-        ACC=_TL_ACC[acc], PACC=_TL_ACC[pacc],
+        ACC=TL_ACC[acc], PACC=TL_ACC[pacc],
         BLOCK_S=block_s, BLOCK_C=block_c,
     )
     return out, size_out, pos_out

@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of every merge/gather: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def merge_tokens(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor, num_out: int):
     """Size-weighted merge of tokens into ``num_out`` slots.
 
@@ -25,7 +30,7 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, dst: to
         same weighted mean as ``x_out``. Accumulation is in fp32 (or fp64 for fp64 inputs).
     """
     b, n, c = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     w = size.to(acc)
     idx = dst.unsqueeze(-1)
     x_sum = x.new_zeros(b, num_out, c, dtype=acc).scatter_add(1, idx.expand(b, n, c), x.to(acc) * w.unsqueeze(-1))

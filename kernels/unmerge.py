@@ -9,8 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import acc_dtype
 
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+# Triton type of each accumulation dtype (kernels/reference.acc_dtype).
+TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
@@ -63,7 +65,7 @@ def gather_rows(y, dst, *, size=None, size_out=None, acc=None, block_n=None, blo
     if weighted:
         size, size_out = size.contiguous(), size_out.contiguous()
     if acc is None:
-        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(y.dtype)
     out = torch.empty(bsz, n, c, device=y.device, dtype=y.dtype)
     block_n = block_n or 4
     block_c = block_c or min(512, max(16, triton.next_power_of_2(c)))
@@ -71,7 +73,7 @@ def gather_rows(y, dst, *, size=None, size_out=None, acc=None, block_n=None, blo
     _gather_kernel[grid](
         y, dst, size if weighted else dst, size_out if weighted else dst, out,
         n, m, c, *y.stride(),
-        WEIGHTED=weighted, ACC=_TL_ACC[acc], BLOCK_N=block_n, BLOCK_C=block_c,
+        WEIGHTED=weighted, ACC=TL_ACC[acc], BLOCK_N=block_n, BLOCK_C=block_c,
     )
     return out
 
