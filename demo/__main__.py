@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:                      # missing or undecodable file
             print(f"vlmcompress.demo: could not read video {str(video)!r}: {e}", file=sys.stderr)
             return 2
-        fps = clip.num_frames / max(clip.duration, 1e-6)
+        fps = clip.sampled_fps
         loaded = load_for_command("vlmcompress.demo", args.model, device=args.device)
         if loaded is None:
             return 2

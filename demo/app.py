@@ -296,7 +296,7 @@ def run_comparison(video_path, model: str = DEFAULT_MODEL, question: str = DEFAU
         raise DemoError(f"Bad settings: max new tokens must be an int in [1, 4096], got {max_new_tokens!r}")
 
     clip = load_frames(video_path, num_frames)
-    fps = clip.num_frames / max(clip.duration, 1e-6)
+    fps = clip.sampled_fps
     mdl, processor = get_model(model, device)
     try:
         key = (model.strip(), device, repr(config))

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             row = {"video": str(video), "model": args.model, "preset": args.preset}
             try:
                 clip = read_video(video, num_frames=args.frames)
-                fps = clip.num_frames / max(clip.duration, 1e-6)
+                fps = clip.sampled_fps
                 answer = ask(model, processor, clip.frames, args.prompt, fps=fps, config=config,
                              max_new_tokens=args.max_new_tokens)
                 row.update(caption=answer.text, seconds=round(answer.seconds, 3),

@@ -177,3 +177,10 @@ def test_missing_decord_says_how_to_install(videos, monkeypatch):
     monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
     with pytest.raises(ImportError, match=r"vlmcompress\[video\]"):
         read_video(videos["static"])
+
+
+def test_sampled_fps_spreads_the_clip_over_the_whole_video(tmp_path):
+    path = make_test_video(tmp_path / "v.mp4", frames=16, fps=8)
+    clip = read_video(path, num_frames=4)
+    assert clip.duration == pytest.approx(2.0, abs=0.2)
+    assert clip.sampled_fps == pytest.approx(4 / clip.duration)

@@ -43,6 +43,12 @@ class VideoClip:
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
 
+    @property
+    def sampled_fps(self) -> float:
+        """Frames per second of the *sampled* clip over the whole video (what a VLM's video metadata
+        wants): ``num_frames / duration``."""
+        return self.num_frames / max(self.duration, 1e-6)
+
 
 def _positive_int(name: str, value, *, allow_none: bool = True):
     if value is None and allow_none:
