@@ -37,7 +37,8 @@ def size_log_bias(size: torch.Tensor, dtype: torch.dtype | None = None) -> torch
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype (a torch.dtype such as torch.float32), got {dtype!r}")
     s = size.float()
-    if torch.isnan(s).any() or (s < 0).any():
+    # One check (one device sync per call on a GPU): NaN >= 0 is False too.
+    if not bool((s >= 0).all()):
         raise ValueError("size must be >= 0 (patch counts); found a negative or NaN entry")
     return s.log().to(dtype)[:, None, None, :]
 
