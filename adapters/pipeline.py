@@ -297,8 +297,7 @@ def _append_extras(state: TokenState, enc, i: int, modality: str) -> tuple[Token
     extras = enc.extras[i] if enc.extras is not None else None
     if not extras:
         return state, ()
-    if enc.states is not None and enc.states[i] is not None:
-        raise ValueError(f"{modality} {i}: extras together with a merging vision tower are not supported")
+    # After a merging tower (Qwen3-VL stage A) the extras already hold the tower's M tokens: the same check.
     n = state.num_tokens
     for k, e in enumerate(extras):
         if e.ndim != 2 or e.shape[0] != n:
