@@ -22,7 +22,9 @@ Where they differ:
   DeepStack features (per token, added to the LLM hidden states after the first layers), which are
   compressed with exactly the weights of the main features (``EncodedItems.extras``).
 
-Stage A (merging inside the vision tower) is not offered for these families: see ``VISION_MERGE_NOTE``.
+Stage A (``vision_keep < 1``) merges 2×2 merger units inside the tower (``qwen_vision_merge.py``); the
+features then hold fewer tokens than the placeholders, with a merge record (size, centroid in the
+LLM-token grid, source) per item, and stage B merges (no grid) rather than pools.
 """
 from __future__ import annotations
 
@@ -32,15 +34,6 @@ import torch
 
 from .base import EncodedItems, FamilyAdapter
 from .registry import register
-
-VISION_MERGE_NOTE = (
-    "Qwen-VL vision towers are not merged internally (stage A): they run all images of a batch as one "
-    "packed sequence split by cu_seqlens (Qwen2.5-VL adds window attention over a window-ordered "
-    "permutation), apply 2-D rotary positions per patch, and end in a merger that concatenates each 2×2 "
-    "block of neighbouring patches, so dropping or averaging patches inside the tower breaks the windows, "
-    "the rotary grid and the 2×2 blocks the merger expects. Compress after the merger instead "
-    "(keep_ratio, token_budget, temporal merging, v2pe_delta), which these adapters support."
-)
 
 # Inputs of get_rope_index that travel in the processor outputs.
 _ROPE_KEYS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
@@ -55,9 +48,59 @@ class QwenVLAdapter(FamilyAdapter):
     pixel_keys = {"image": ("pixel_values",), "video": ("pixel_values_videos",)}
     trigger_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
     token_keys = ("token_type_ids", "mm_token_type_ids")
-    supports_vision_merge = False
+    supports_vision_merge = True
 
     _grid_key = {"image": "image_grid_thw", "video": "video_grid_thw"}
+
+    # --- stage A -----------------------------------------------------------------------------
+    def install(self, config) -> None:
+        super().install(config)
+        self._vision = None
+        self._pending_grids = []     # LLM-token grids of the items of the last stage-A encode, for grid_to_positions
+        if config.compresses_vision:
+            if config.temporal_threshold is not None or config.temporal_keep < 1.0 or config.relevance is not None:
+                raise ValueError("vision_keep < 1 on Qwen-VL leaves no token grid after the tower, so temporal merging "
+                                 "(temporal_threshold / temporal_keep) and relevance-guided pooling cannot follow it; "
+                                 "use keep_ratio / token_budget (merged to the budget) with stage A, or stage B alone")
+            from .qwen_vision_merge import QwenVisionMerge
+
+            self._vision = QwenVisionMerge(self.base.visual, config)
+
+    def uninstall(self) -> None:
+        self._vision = None
+        super().uninstall()
+
+    def _merged(self, modality: str, kwargs: dict):
+        """Stage-A encode: the merging run of the tower, the grids queued for ``grid_to_positions``."""
+        pixels = kwargs[self.trigger_keys[modality]]
+        grid_thw = kwargs.get(self._grid_key[modality])
+        if grid_thw is None:
+            raise ValueError(f"{type(self.model).__name__} needs {self._grid_key[modality]} next to "
+                             f"{self.trigger_keys[modality]}: pass the processor outputs unchanged")
+        out = self._vision(pixels, grid_thw)
+        self._pending_grids = list(self.token_grids(grid_thw))
+        return out
+
+    def grid_to_positions(self, item_positions, grid_pos, grid):
+        """Stage-A centroids ``(t, h', w')`` ``[M, 3]`` to M-RoPE positions ``[M, 3]``: bilinear in the item's
+        own positions of frame ``t`` (units merge within a frame, so ``t`` is whole). Inside a frame the
+        model's positions are affine in ``(h', w')``, so this is exact, and at integer centroids it returns
+        the model's own positions."""
+        if grid is None:
+            if not self._pending_grids:
+                raise RuntimeError("grid_to_positions: no stage-A grid queued for this item; this is a bug in vlmcompress")
+            grid = self._pending_grids.pop(0)
+        _, h, w = grid
+        p = item_positions.to(torch.float64)
+        t = grid_pos[:, 0].round().long()
+        hh = grid_pos[:, 1].to(torch.float64).clamp(0, h - 1)
+        ww = grid_pos[:, 2].to(torch.float64).clamp(0, w - 1)
+        h0, w0 = hh.floor().long(), ww.floor().long()
+        h1, w1 = (h0 + 1).clamp(max=h - 1), (w0 + 1).clamp(max=w - 1)
+        fh, fw = (hh - h0).unsqueeze(-1), (ww - w0).unsqueeze(-1)
+        base = t * h * w
+        at = lambda i, j: p[base + i * w + j]  # noqa: E731
+        return (1 - fh) * ((1 - fw) * at(h0, w0) + fw * at(h0, w1)) + fh * ((1 - fw) * at(h1, w0) + fw * at(h1, w1))
 
     # --- encoding ----------------------------------------------------------------------------
     def _features(self, modality: str, kwargs: dict):
@@ -70,6 +113,10 @@ class QwenVLAdapter(FamilyAdapter):
         return fn(pixels, grid_thw, return_dict=True), grid_thw
 
     def encode(self, modality: str, kwargs: dict) -> EncodedItems:
+        if getattr(self, "_vision", None) is not None:
+            out = self._merged(modality, kwargs)
+            return EncodedItems(out.features, [None] * len(out.features),
+                                [s.source.shape[1] for s in out.states], out.states)
         out, grid_thw = self._features(modality, kwargs)
         feats, grids = self._checked(modality, out, grid_thw)
         return EncodedItems(feats, grids, [f.shape[0] for f in feats])
@@ -143,6 +190,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl", "qwen3_vl_moe")
 
     def encode(self, modality: str, kwargs: dict) -> EncodedItems:
+        if getattr(self, "_vision", None) is not None:
+            out = self._merged(modality, kwargs)
+            # DeepStack taps already hold the final units (they merged along inside the tower).
+            extras = [[layer[i] for layer in out.deepstack] for i in range(len(out.features))] if out.deepstack else None
+            return EncodedItems(out.features, [None] * len(out.features),
+                                [s.source.shape[1] for s in out.states], out.states, extras=extras)
         out, grid_thw = self._features(modality, kwargs)
         feats, grids = self._checked(modality, out, grid_thw)
         layers = out.deepstack_features or []
