@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmcompress.config import CompressionConfig
-from vlmcompress.schedule import kept_count
 from vlmcompress.state import TokenState
 
 from .base import FamilyAdapter
@@ -31,7 +30,7 @@ class ItemReport:
     after_vision: int      # tokens leaving the vision tower + projector (stage A)
     after_compress: int    # tokens reaching the LLM (stage B)
     grid: tuple | None = None           # (T, H, W) LLM-token grid of the item, when it has one
-    source: torch.Tensor | None = None  # [placeholders] int64: which LLM token holds each original token
+    source: torch.Tensor | None = None  # [placeholders] int64: which LLM token holds each original token (-1: dropped)
     size: torch.Tensor | None = None    # [after_compress] how many original tokens each one stands for
 
     @property
@@ -205,48 +204,31 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
 
 def compress_item(state: TokenState, grid, config: CompressionConfig, *, question: str | None = None,
                   metric_channels: int | None = None, frames=None) -> TokenState:
-    """Stage B for one item (``state`` holds a batch of one): pooling/merging to the budget, then
-    temporal merging across frames. With ``metric_channels``, similarity and relevance look only at the
-    first ``metric_channels`` feature channels; the rest (``EncodedItems.extras``) ride along with the
-    same weights. ``frames`` (the item's frames, or a zero-argument callable returning them) go to a
-    ``config.relevance`` scorer that scores pixels (``score``)."""
-    from vlmcompress import merge as merge_ops
-    from vlmcompress import pool as pool_ops
+    """Stage B for one item (``state`` holds a batch of one): ``config.stage_b_steps()`` applied in order
+    (:func:`vlmcompress.steps.apply_steps`). With ``metric_channels``, similarity and relevance look only
+    at the first ``metric_channels`` feature channels; the rest (``EncodedItems.extras``) ride along with
+    the same weights. ``frames`` (the item's frames, or a zero-argument callable returning them) go to a
+    relevance scorer that scores pixels (``score``)."""
+    from vlmcompress.steps import StepContext, apply_steps
 
-    n0 = state.num_tokens
-    target = n0
-    if config.keep_ratio < 1.0:
-        # The ratio is of the tokens the LLM would read unpatched: sizes sum to that count even after
-        # a merging vision tower (stage A), so keep_ratio means the same with or without it.
-        original = int(round(float(state.size.sum())))
-        target = min(target, kept_count(config.keep_ratio, original))
-    if config.token_budget is not None:
-        target = min(target, config.token_budget)
-
-    if target < n0 and grid is not None and config.budget_method == "pool":
-        out_grid = pool_ops.grid_for_budget(grid, target)
-        relevance = _relevance(config, question, _metric(state, metric_channels), grid, frames)
-        state = pool_ops.prompt_guided_pool(state, grid, out_grid, relevance, tau=config.pool_tau)
-        grid = out_grid
-    elif target < n0:
-        while state.num_tokens > target:
-            r = state.num_tokens - target
-            plan = merge_ops.bipartite_soft_matching(_metric(state, metric_channels), r)
-            if plan.num_out == state.num_tokens:
-                break
-            state = plan.merge(state)
-
-    frames = grid[0] if grid is not None else 1
-    if frames > 1 and (config.temporal_threshold is not None or config.temporal_keep < 1.0):
-        per_frame = state.num_tokens // frames
-        if config.temporal_threshold is not None:
-            plan = merge_ops.temporal_matching(_metric(state, metric_channels), frames,
-                                               threshold=config.temporal_threshold)
-        else:
-            budget = per_frame - kept_count(config.temporal_keep, per_frame)
-            plan = merge_ops.temporal_matching(_metric(state, metric_channels), frames, budget=budget)
-        state = plan.merge(state)
+    steps = config.stage_b_steps()
+    if not steps:
+        return state
+    ctx = StepContext(question=question, frames=_scorer_frames(frames), metric_channels=metric_channels)
+    state, _ = apply_steps(state, grid, steps, ctx)
     return state
+
+
+def _scorer_frames(frames):
+    """A zero-argument callable giving the frames in the ``[T, H, W, 3]`` layout scorers take (or None)."""
+    def get():
+        pixels = frames() if callable(frames) else frames
+        if pixels is None:
+            return None
+        from .frames import as_scorer_frames
+
+        return as_scorer_frames(pixels, what="relevance frames")
+    return get
 
 
 def _compress_keeping_tail(state: TokenState, tail: int, grid, config: CompressionConfig, question,
@@ -283,12 +265,9 @@ def _order_by_first_source(state: TokenState) -> TokenState:
         return state
     rank = torch.empty_like(order)
     rank[order] = torch.arange(m, device=order.device)
-    return TokenState(state.x[:, order], state.size[:, order], state.pos[:, order], rank[state.source])
-
-
-def _metric(state: TokenState, channels: int | None) -> torch.Tensor:
-    """The features that similarity and relevance see: all channels, or the first ``channels``."""
-    return state.x if channels is None else state.x[..., :channels]
+    # -1 marks a dropped patch (RandomDrop): it stays -1.
+    source = torch.where(state.source >= 0, rank[state.source.clamp(min=0)], state.source)
+    return TokenState(state.x[:, order], state.size[:, order], state.pos[:, order], source)
 
 
 def _append_extras(state: TokenState, enc, i: int, modality: str) -> tuple[TokenState, tuple[int, ...]]:
@@ -304,34 +283,6 @@ def _append_extras(state: TokenState, enc, i: int, modality: str) -> tuple[Token
             raise ValueError(f"{modality} {i}: extras[{k}] must be [N={n}, C_k], got {tuple(e.shape)}")
     x = torch.cat([state.x, *(e.to(state.x.device, state.x.dtype).unsqueeze(0) for e in extras)], -1)
     return state.replace(x=x), tuple(int(e.shape[1]) for e in extras)
-
-
-def _relevance(config, question, features, grid, frames=None):
-    """``[1, T*H*W]`` relevance of the item's tokens to ``question`` for prompt-guided pooling, or ``None``.
-
-    A scorer with ``score(question, frames, target_grid)`` (``ClipRelevanceScorer``) scores the item's
-    frames and maps its patch grid onto the item's token ``grid``; otherwise the scorer's
-    ``score_features(question, features [1, N, C], grid)`` scores the VLM features themselves.
-    """
-    scorer = config.relevance
-    if scorer is None:
-        return None
-    if question is None:
-        raise ValueError("config.relevance is set but no question is known: pass question=... to generate(), "
-                         "or patch(model, config, processor=processor) so the prompt can be read")
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"config.relevance needs the user's question as a non-empty str, got {question!r}: "
-                         "pass question=... to generate()")
-    if not callable(getattr(scorer, "score", None)):
-        return scorer.score_features(question, features, grid)
-    pixels = frames() if callable(frames) else frames
-    if pixels is None:
-        raise ValueError(f"{type(scorer).__name__} scores frames, and this item's frames cannot be recovered "
-                         "from the processor outputs of this model family: pass them with "
-                         "model.generate(..., relevance_frames=[frames of each image/video])")
-    from .frames import as_scorer_frames
-
-    return scorer.score(question, as_scorer_frames(pixels, what="relevance frames"), tuple(grid))
 
 
 def _frames_source(adapter, modality, kwargs, index, relevance_frames, position):
@@ -389,8 +340,10 @@ def _initial_state(adapter, enc, i, orig) -> TokenState:
 def _first_sources(state: TokenState) -> torch.Tensor:
     """``[M]`` the first original token each output token holds (``N0`` for a token holding none)."""
     src = state.source[0]
+    slots = torch.arange(src.numel(), device=src.device)
+    kept = src >= 0                       # -1: a patch a step dropped (RandomDrop); it anchors nothing
     first = torch.full((state.num_tokens,), src.numel(), dtype=torch.long, device=src.device)
-    return first.scatter_reduce(0, src, torch.arange(src.numel(), device=src.device), reduce="amin")
+    return first.scatter_reduce(0, src[kept], slots[kept], reduce="amin")
 
 
 def _anchors(state: TokenState) -> torch.Tensor:

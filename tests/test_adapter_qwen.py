@@ -192,9 +192,9 @@ def _reference_inputs(model, family, kind, inputs, keep=0.25, delta=0.5):
     visual = (ids[0] == token).tolist()
     slots = (ids[0] == token).nonzero()[:, 0]
     mapped = _v2pe_map(pos, visual, delta)
-    # A token in overlapping windows belongs to the first one (equal weights); so window k's first token
-    # on an axis is 0 for k = 0, else the end of window k-1: (k-1)·stride + kernel (= k·stride without overlap).
-    firsts = [torch.tensor([0] + [(k - 1) * s + kk for k in range(1, o)]) for o, s, kk in zip(out_grid, ss, ks)]
+    # Pooling's plan is a partition: on each axis window k owns [k·stride, (k+1)·stride) (the last window
+    # owns the rest), so the first token it owns, its anchor slot, is k·stride.
+    firsts = [torch.arange(o) * s for o, s in zip(out_grid, ss)]
     starts = torch.stack(torch.meshgrid(*firsts, indexing="ij"), -1)
     first = (starts[..., 0] * grid[1] * grid[2] + starts[..., 1] * grid[2] + starts[..., 2]).flatten()
     kept = slots[first]
@@ -289,9 +289,10 @@ def test_manual_decoding_continues_with_rope_deltas(family, patched):
 
 
 def test_qwen3_video_frames_keep_their_runs_and_mapped_positions(patched):
-    """(3, 2, 3) pooled to (2, 1, 2): the t windows overlap (frames {0, 1} and {1, 2}); frame 1's tokens go
-    to the first window, so the second window's first token, and its slot, is in frame group 2's run.
-    Group 1's run is left empty (its tokens live on inside the pooled tokens)."""
+    """(3, 2, 3) pooled to (2, 1, 2): the t windows overlap (frames {0, 1} and {1, 2}, stride 1); the
+    partition gives frame 0 to the first window and frames 1 and 2 to the second, so the second window's
+    first owned token, and its slot, is in frame group 1's run. Group 2's run is left empty (its tokens
+    live on inside the pooled tokens)."""
     model, inputs = cached_model("qwen3_vl"), _inputs("qwen3_vl", "video", rows=(0,))
     kw, report = prepare_inputs(patched(model, CompressionConfig()).vlmcompress.adapter,
                                 CompressionConfig(keep_ratio=0.25, v2pe_delta=0.5), inputs)
@@ -307,7 +308,7 @@ def test_qwen3_video_frames_keep_their_runs_and_mapped_positions(patched):
             runs.append(j - i - 1)
             i = j
         i += 1
-    assert runs == [2, 0, 2]
+    assert runs == [2, 2, 0]
     assert report.items[0].after_compress == 4
 
 

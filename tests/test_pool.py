@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmcompress.pool import grid_for_budget, pool_coverage, pool_kernel_stride, prompt_guided_pool
+from vlmcompress.pool import grid_for_budget, pool_coverage, pool_kernel_stride, pool_partition, prompt_guided_pool
 from vlmcompress.state import TokenState
 
 # (grid, out_grid): odd sizes, non-divisible sizes (overlapping windows), identity, collapse to one.
@@ -54,12 +54,20 @@ def windows(grid, out_grid):
     return out
 
 
+def owned_windows(grid, out_grid):
+    """Naive partition: window j of an axis owns positions [j*s, (j+1)*s), the last window up to the end."""
+    per_axis = []
+    for i, o in zip(grid, out_grid):
+        _, s = pool_kernel_stride(i, o)
+        per_axis.append([range(j * s, (j + 1) * s if j < o - 1 else i) for j in range(o)])
+    t, h, w = grid
+    return [[(a * h + b_) * w + c for a in rt for b_ in rh for c in rw] for rt, rh, rw in itertools.product(*per_axis)]
+
+
 def naive_pool(state, grid, out_grid, relevance, tau):
     """Loop-over-windows reference of prompt_guided_pool's x, pos and size (float64)."""
     wins = windows(grid, out_grid)
-    cover = torch.zeros(math.prod(grid), dtype=torch.float64)
-    for idx in wins:
-        cover[idx] += 1
+    owned = owned_windows(grid, out_grid)
     xs, ps, ss = [], [], []
     for b in range(state.batch):
         xo, po, so = [], [], []
@@ -68,7 +76,7 @@ def naive_pool(state, grid, out_grid, relevance, tau):
             wgt = torch.softmax(r / tau, 0)
             xo.append((wgt[:, None] * state.x[b, idx].double()).sum(0))
             po.append((wgt[:, None] * state.pos[b, idx].double()).sum(0))
-            so.append((state.size[b, idx].double() / cover[idx]).sum())
+            so.append(state.size[b, owned[len(so)]].double().sum())
         xs.append(torch.stack(xo)), ps.append(torch.stack(po)), ss.append(torch.stack(so))
     return torch.stack(xs), torch.stack(ps), torch.stack(ss)
 
@@ -332,19 +340,33 @@ def test_source_without_overlap_is_the_containing_window():
     assert torch.equal(out.source[0], expect)
 
 
-def test_source_with_overlap_follows_highest_weight():
-    # One row of 5 tokens into 2 windows [0,3) and [2,5); token 2 is in both.
+def test_source_with_overlap_is_a_partition_owned_by_stride():
+    # One row of 5 tokens into 2 windows [0,3) and [2,5) (stride 2): window 0 owns [0, 2), window 1 the rest.
     grid, out_grid = (1, 1, 5), (1, 1, 2)
     state = make_state(1, grid, track_source=True)
-    # Token 2 dominates window 1 (high vs. low neighbours) but not window 0.
     rel = torch.tensor([[5.0, 0.0, 1.0, 0.0, 0.0]])
     out = prompt_guided_pool(state, grid, out_grid, rel, tau=1.0)
     assert out.source[0].tolist() == [0, 0, 1, 1, 1]
-    # Uniform weights: ties go to the first window.
-    assert prompt_guided_pool(state, grid, out_grid, None).source[0].tolist() == [0, 0, 0, 1, 1]
+    assert out.size[0].tolist() == [2.0, 3.0]
+    assert prompt_guided_pool(state, grid, out_grid, None).source[0].tolist() == [0, 0, 1, 1, 1]
     # An earlier merge's map is composed: original patches 0..4 first held by tokens [4, 4, 0, 1, 2].
     state2 = state.replace(source=torch.tensor([[4, 4, 0, 1, 2]]))
     assert prompt_guided_pool(state2, grid, out_grid, rel, tau=1.0).source[0].tolist() == [1, 1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("grid,out_grid", [((1, 24, 24), (1, 8, 7)), ((8, 14, 14), (6, 8, 8)), ((1, 27, 27), (1, 9, 8))],
+                         ids=["24x24-to-8x7", "8x14x14-to-6x8x8", "27x27-to-9x8"])
+def test_overlapping_windows_each_own_a_patch_in_increasing_order(grid, out_grid):
+    """Issue 9, defect 1: with overlap a window could own no patch (anchors failed in generate())."""
+    owner = pool_partition(grid, out_grid)
+    m = math.prod(out_grid)
+    assert torch.equal(torch.bincount(owner, minlength=m).clamp(max=1), torch.ones(m, dtype=torch.long))
+    first = torch.full((m,), owner.numel()).scatter_reduce(0, owner, torch.arange(owner.numel()), "amin")
+    assert (first[1:] > first[:-1]).all()
+    # Relevance that peaks in overlaps must not change who owns what.
+    state = make_state(1, grid, track_source=True)
+    out = prompt_guided_pool(state, grid, out_grid, torch.randn(1, math.prod(grid)) * 50)
+    assert torch.equal(out.source[0], owner)
 
 
 def test_huge_but_finite_features_are_accepted():

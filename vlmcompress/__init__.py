@@ -4,6 +4,9 @@ Operators (pure functions on tensors, each with a plain PyTorch reference):
     TokenState, bipartite_soft_matching, temporal_matching, MergePlan, merge_schedule, tokens_after,
     size_log_bias, proportional_attention, prompt_guided_pool, grid_for_budget, relevance_from_embeddings,
     stretch_positional_embedding, v2pe_position_ids, rotary_cos_sin, merge_colors.
+Stage B as plans (DESIGN.md §9; a step is ``step(state, grid, ctx) -> (Plan, grid or None)``):
+    Plan, StepContext, apply_steps, PromptGuidedPool, MergeToBudget, TemporalMerge, UniformPool, RandomDrop;
+    run any list of steps with ``CompressionConfig.from_steps(...)`` / ``CompressionConfig(steps=...)``.
 Adapters (patch Hugging Face models in place):
     CompressionConfig, patch, unpatch, compressed, supported_model_types.
 
@@ -28,7 +31,8 @@ _LAZY = {
                     "vlmcompress.attention"),
     **dict.fromkeys(["merge_colors", "palette"], "vlmcompress.visualize"),
     # pooling and relevance
-    **dict.fromkeys(["prompt_guided_pool", "pool_kernel_stride", "grid_for_budget", "pool_coverage"], "vlmcompress.pool"),
+    **dict.fromkeys(["prompt_guided_pool", "pool_kernel_stride", "grid_for_budget", "pool_coverage",
+                     "pool_partition", "pool_plan"], "vlmcompress.pool"),
     **dict.fromkeys(["relevance_from_embeddings", "resize_relevance", "ClipRelevanceScorer", "tiny_clip_scorer"],
                     "vlmcompress.relevance"),
     **dict.fromkeys(["stretch_positional_embedding", "apply_long_context"], "vlmcompress.long_clip"),
@@ -37,6 +41,10 @@ _LAZY = {
                      "scale_visual_blocks"], "vlmcompress.positions"),
     # video
     **dict.fromkeys(["read_video", "iter_video_chunks", "VideoClip", "sample_frame_indices"], "vlmcompress.video"),
+    # stage B as plans
+    "Plan": "vlmcompress.plan",
+    **dict.fromkeys(["StepContext", "apply_steps", "PromptGuidedPool", "MergeToBudget", "TemporalMerge", "UniformPool",
+                     "RandomDrop"], "vlmcompress.steps"),
     # adapters
     **dict.fromkeys(["patch", "unpatch", "compressed", "is_patched", "supported_model_types", "CompressionReport",
                      "ItemReport"], "vlmcompress.adapters"),

@@ -49,6 +49,12 @@ class CompressionConfig:
     Stage C, positions in the LLM:
         v2pe_delta: V2PE step of a visual token (1 = the model's own positions).
         llm_proportional_attention: log-size key bias for merged visual tokens in the LLM (off by default).
+    Stage B as an explicit list of steps (instead of the stage-B fields above):
+        steps: a tuple of stage-B steps run in order on every image/video (:mod:`vlmcompress.steps`:
+            ``PromptGuidedPool``, ``MergeToBudget``, ``TemporalMerge``, ``UniformPool``, ``RandomDrop``, or
+            any callable ``step(state, grid, ctx) -> (Plan, grid or None)``). ``None`` (the default) builds
+            the list from the stage-B fields (:meth:`stage_b_steps`); setting both is an error.
+            :meth:`from_steps` is the short form.
     """
 
     vision_keep: float = 1.0
@@ -63,8 +69,11 @@ class CompressionConfig:
     relevance: Any = None
     v2pe_delta: float = 1.0
     llm_proportional_attention: bool = False
+    steps: tuple | None = None
 
     def __post_init__(self) -> None:
+        if self.steps is not None:
+            self._check_steps()
         _fraction("vision_keep", self.vision_keep)
         _fraction("temporal_keep", self.temporal_keep)
         _fraction("keep_ratio", self.keep_ratio)
@@ -92,6 +101,46 @@ class CompressionConfig:
         if self.relevance is not None:
             _check_scorer(self.relevance, self.budget_method)
 
+    def _check_steps(self) -> None:
+        if not isinstance(self.steps, (list, tuple)):
+            raise TypeError(f"steps must be a tuple of stage-B steps, got {type(self.steps).__name__}")
+        from .steps import check_step
+
+        for step in self.steps:
+            check_step(step)
+        object.__setattr__(self, "steps", tuple(self.steps))
+        set_fields = [f for f in _STAGE_B_FIELDS if getattr(self, f) != _STAGE_B_DEFAULTS[f]]
+        if set_fields:
+            raise ValueError(f"steps= replaces the stage-B fields, but {set_fields} are set too: put that into the "
+                             "steps (e.g. PromptGuidedPool(keep_ratio=..., relevance=...), TemporalMerge(threshold=...))")
+
+    @classmethod
+    def from_steps(cls, *steps, **fields) -> "CompressionConfig":
+        """A config whose stage B is exactly ``steps``, run in order (stage A/C settings as ``fields``).
+
+        ``CompressionConfig.from_steps(RandomDrop(keep_ratio=0.25, seed=0))``."""
+        return cls(steps=tuple(steps), **fields)
+
+    def stage_b_steps(self) -> tuple:
+        """The stage-B steps this config runs on each item: ``steps`` when given, else the list the stage-B
+        fields describe: ``[PromptGuidedPool | MergeToBudget, TemporalMerge]``, with temporal merging first for
+        ``budget_method="merge"`` (bipartite merging leaves no frame grid to match across, issue 9 defect 2)."""
+        if self.steps is not None:
+            return self.steps
+        from . import steps as st
+
+        budget = None
+        if self.keep_ratio < 1.0 or self.token_budget is not None:
+            if self.budget_method == "pool":
+                budget = st.PromptGuidedPool(self.keep_ratio, self.token_budget, self.relevance, self.pool_tau)
+            else:
+                budget = st.MergeToBudget(self.keep_ratio, self.token_budget)
+        temporal = None
+        if self.temporal_threshold is not None or self.temporal_keep < 1.0:
+            temporal = st.TemporalMerge(self.temporal_threshold, self.temporal_keep)
+        order = (temporal, budget) if self.budget_method == "merge" else (budget, temporal)
+        return tuple(s for s in order if s is not None)
+
     @property
     def compresses_vision(self) -> bool:
         return self.vision_keep < 1.0
@@ -99,7 +148,7 @@ class CompressionConfig:
     @property
     def compresses_tokens(self) -> bool:
         return (self.keep_ratio < 1.0 or self.token_budget is not None or self.temporal_keep < 1.0
-                or self.temporal_threshold is not None)
+                or self.temporal_threshold is not None or bool(self.steps))
 
     @property
     def is_identity(self) -> bool:
@@ -113,6 +162,7 @@ class CompressionConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["relevance"] = None if self.relevance is None else type(self.relevance).__name__
+        d["steps"] = None if self.steps is None else [_describe_step(s) for s in self.steps]
         return d
 
     @classmethod
@@ -121,6 +171,19 @@ class CompressionConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
         return replace(PRESETS[name], **overrides)
+
+
+def _describe_step(step) -> str:
+    """``Name(field=value, ...)`` with non-plain values (scorers) shown by type name."""
+    from dataclasses import fields, is_dataclass
+
+    if not is_dataclass(step):
+        return getattr(step, "__name__", type(step).__name__)
+    parts = []
+    for f in fields(step):
+        v = getattr(step, f.name)
+        parts.append(f"{f.name}={v!r}" if v is None or isinstance(v, (int, float, str, bool)) else f"{f.name}={type(v).__name__}")
+    return f"{type(step).__name__}({', '.join(parts)})"
 
 
 def _check_scorer(scorer, budget_method: str) -> None:
@@ -145,6 +208,11 @@ def _fraction(name: str, value) -> None:
     if _not_number(value) or math.isnan(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
 
+
+_STAGE_B_FIELDS = ("temporal_threshold", "temporal_keep", "keep_ratio", "token_budget", "budget_method", "pool_tau",
+                   "relevance")
+_STAGE_B_DEFAULTS = {"temporal_threshold": None, "temporal_keep": 1.0, "keep_ratio": 1.0, "token_budget": None,
+                     "budget_method": "pool", "pool_tau": 0.01, "relevance": None}
 
 PRESETS: dict[str, CompressionConfig] = {
     "none": CompressionConfig(),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from ._checks import as_int, check_finite, check_tensor
 from .state import TokenState
 
-__all__ = ["pool_kernel_stride", "grid_for_budget", "prompt_guided_pool", "pool_coverage"]
+__all__ = ["pool_kernel_stride", "grid_for_budget", "prompt_guided_pool", "pool_coverage", "pool_partition", "pool_plan",
+           "WindowMix"]
 
 _AXES = ("t", "h", "w")
 
@@ -249,13 +251,14 @@ def prompt_guided_pool(
           fp64) and cast back.
         - ``pos``: the same weighted mean of ``pos``, so a pooled token sits at the relevance-weighted
           centroid of its window.
-        - ``size``: ``Σ_i size_i / coverage_i`` over the window, where ``coverage_i`` is the number of
-          windows containing token ``i`` (:func:`pool_coverage`; > 1 only where windows overlap). Each
-          token's size is split evenly among its windows, so sizes still sum to the original count.
-          ``size`` counts patches and is deliberately not relevance-weighted.
-        - ``source``: if tracked, each original patch follows its current token into the window where
-          that token has the highest weight (ties: the first window in raster order). Without overlap
-          that is simply the window containing it.
+        - ``size``: the sum of ``size`` over the tokens the window *owns* (:func:`pool_partition`: a
+          partition, each token owned by exactly one window, every window owning at least one), so sizes
+          still sum to the original count. ``size`` counts patches and is deliberately not
+          relevance-weighted.
+        - ``source``: if tracked, each original patch follows its current token into the window that
+          owns it. Without overlap that is simply the window containing it.
+
+        This is :func:`pool_plan` applied with :meth:`vlmcompress.plan.Plan.apply`.
 
     Raises:
         TypeError: ``state`` not a TokenState, non-int grids, non-float relevance or tau.
@@ -278,44 +281,82 @@ def prompt_guided_pool(
     check_finite("state.x", state.x)
     if relevance is not None:
         check_tensor("relevance", relevance, shape=(b, n), floating=True, finite=True)
-
-    t, h, w = grid
-    to, ho, wo = out_grid
-    m = to * ho * wo
-    kk = math.prod(ks)
-    device = state.x.device
     acc = torch.float64 if state.x.dtype == torch.float64 else torch.float32
+    plan = pool_plan(grid, out_grid, relevance, tau=tau, batch=b, device=state.x.device, dtype=acc)
+    return plan.apply(state)
 
-    # Window weights [B, T', H', W', K]: softmax of relevance / tau inside each window (fp32 at least).
-    if relevance is None:
-        weights = torch.full((b, to, ho, wo, kk), 1.0 / kk, device=device, dtype=acc)
+
+def pool_partition(grid, out_grid, device=None) -> torch.Tensor:
+    """``[T*H*W]`` int64: the output window that *owns* each input token, a partition of the grid.
+
+    Per axis, position ``p`` belongs to window ``min(p // stride, O - 1)``: window ``j < O - 1`` owns
+    ``[j·stride, (j+1)·stride)`` and the last owns the rest up to ``I``. Each owned range lies inside the
+    window (``kernel >= stride``, and the last window ends at ``I``), every window owns at least
+    ``stride >= 1`` positions, and the owner of the first token of each window increases in raster order,
+    so compressed tokens map to increasing placeholder slots even where windows overlap (issue 9, 1).
+    """
+    grid = _check_grid("grid", grid)
+    out_grid = _check_grid("out_grid", out_grid)
+    owners = []
+    for axis, i, o in zip(_AXES, grid, out_grid):
+        _, s = pool_kernel_stride(i, o, axis=axis)
+        owners.append((torch.arange(i, device=device) // s).clamp(max=o - 1))
+    ot, oh, ow = owners
+    _, ho, wo = out_grid
+    return ((ot[:, None, None] * ho + oh[None, :, None]) * wo + ow[None, None, :]).flatten()
+
+
+@dataclass(frozen=True, eq=False)
+class WindowMix:
+    """The feature side of a pooling plan: output ``m`` = ``Σ_k weights[b, m, k] · v[window_k(m)]``.
+
+    ``weights`` is ``[B, M, K]`` (softmax of relevance / tau inside each window), or ``None`` for the plain
+    window mean (``avg_pool3d``, bit-exact). ``apply(v [B, N, D]) -> [B, M, D]`` in ``v``'s dtype promoted
+    to the accumulation dtype (fp32 at least).
+    """
+
+    grid: tuple
+    out_grid: tuple
+    ks: tuple
+    ss: tuple
+    weights: torch.Tensor | None = None
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        b, n, d = v.shape
+        x5 = v.reshape(b, *self.grid, d)
+        m = math.prod(self.out_grid)
+        if self.weights is None:
+            acc = torch.promote_types(v.dtype, torch.float32)
+            return _window_mean(x5, self.ks, self.ss, self.out_grid, acc).reshape(b, m, d)
+        acc = torch.promote_types(v.dtype, self.weights.dtype)
+        w = self.weights.to(device=v.device, dtype=acc).reshape(b, *self.out_grid, -1)
+        return _weighted_window_sum(x5, w, self.ks, self.ss, self.out_grid).reshape(b, m, d)
+
+
+def pool_plan(grid, out_grid, relevance: torch.Tensor | None = None, *, tau: float = 0.01, batch: int = 1,
+              device=None, dtype=torch.float32):
+    """The :class:`vlmcompress.plan.Plan` of prompt-guided pooling ``grid → out_grid``.
+
+    Its partition is :func:`pool_partition` (sizes and the source map follow it); its features and
+    positions are the relevance-weighted window sums (:class:`WindowMix`). ``relevance`` is ``[B, N]`` or
+    ``None`` (plain average pooling); ``batch`` is ``B`` when ``relevance`` is ``None``.
+    """
+    from .plan import Plan
+
+    grid = _check_grid("grid", grid)
+    out_grid = _check_grid("out_grid", out_grid)
+    ks, ss = zip(*(pool_kernel_stride(i, o, axis=a) for a, i, o in zip(_AXES, grid, out_grid)))
+    if relevance is not None:
+        batch = relevance.shape[0]
+        device = relevance.device if device is None else device
+        t, h, w = grid
+        logits = _unfold3(relevance.to(device=device, dtype=dtype).reshape(batch, t, h, w), ks, ss) / tau
+        weights = torch.softmax(logits, dim=-1).reshape(batch, math.prod(out_grid), -1)
     else:
-        logits = _unfold3(relevance.to(device=device, dtype=acc).reshape(b, t, h, w), ks, ss) / tau
-        weights = torch.softmax(logits, dim=-1)
-
-    # Native dtype here; each window slot is widened to ``acc`` as it is read, so fp16/bf16 inputs
-    # never get a full fp32 copy.
-    x5 = state.x.reshape(b, t, h, w, c)
-    if relevance is None:
-        x_out = _window_mean(x5, ks, ss, out_grid, acc).reshape(b, m, c)
-    else:
-        x_out = _weighted_window_sum(x5, weights, ks, ss, out_grid).reshape(b, m, c)
-    x_out = x_out.to(state.x.dtype)
-
-    pacc = torch.promote_types(state.pos.dtype, acc)
-    pos_win = _unfold3(state.pos.to(pacc).reshape(b, t, h, w, 3), ks, ss)  # [B, T', H', W', 3, K]
-    pos_out = torch.einsum("bthwpk,bthwk->bthwp", pos_win, weights.to(pacc)).reshape(b, m, 3).to(state.pos.dtype)
-
-    coverage = pool_coverage(grid, out_grid, device=device).to(acc)
-    share = (state.size.to(acc) / coverage).reshape(b, t, h, w)
-    size_out = _unfold3(share, ks, ss).sum(-1).reshape(b, m).to(state.size.dtype)
-
-    source = None
-    if state.source is not None:
-        token_window = _best_window(weights.reshape(b, m, kk), grid, out_grid, ks, ss, device)
-        source = token_window.gather(1, state.source)
-
-    return TokenState(x=x_out, size=size_out, pos=pos_out, source=source)
+        weights = None
+    owner = pool_partition(grid, out_grid, device=device)
+    dst = owner.expand(batch, owner.numel()).clone()
+    return Plan(dst, math.prod(out_grid), mix=WindowMix(grid, out_grid, tuple(ks), tuple(ss), weights))
 
 
 # How the weighted window sum is computed. Summing over kernel offsets (K strided multiply-adds) never
@@ -361,22 +402,3 @@ def _weighted_window_sum(x5: torch.Tensor, weights: torch.Tensor, ks, ss, out_gr
     for k, view in enumerate(_window_views(x5, ks, ss, out_grid)):
         out.addcmul_(view.to(acc), weights[..., k:k + 1])
     return out
-
-
-def _best_window(weights: torch.Tensor, grid, out_grid, ks, ss, device) -> torch.Tensor:
-    """``[B, N]`` int64: for each input token, the output window where its weight is highest (first on ties).
-
-    ``weights`` is ``[B, M, K]``: the weight of window slot ``k`` of window ``m``.
-    """
-    b, m, kk = weights.shape
-    n = math.prod(grid)
-    # Input token index of every (window, slot): [M, K], same raster layout as the weights.
-    ids = torch.arange(n, device=device).reshape(1, *grid)
-    token_of = _unfold3(ids, ks, ss).reshape(m, kk)
-    idx = token_of.flatten().expand(b, m * kk)
-    flat_w = weights.reshape(b, m * kk).detach()
-    best = torch.full((b, n), -1.0, device=device, dtype=flat_w.dtype).scatter_reduce(1, idx, flat_w, "amax")
-    window_id = torch.arange(m, device=device).repeat_interleave(kk).expand(b, m * kk)
-    hit = flat_w == best.gather(1, idx)
-    cand = torch.where(hit, window_id, torch.full_like(window_id, m))
-    return torch.full((b, n), m, device=device, dtype=torch.int64).scatter_reduce(1, idx, cand, "amin")
