@@ -1,6 +1,8 @@
 """Bipartite (ToMe) and temporal token merging: plans, invariants, references, errors."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,10 @@ def _naive_tome_dst(metric, r, protected=0):
     """Textbook ToMe on one sample, written with Python loops: the spec for bipartite_soft_matching."""
     n = metric.shape[0]
     m = F.normalize(metric.double(), dim=-1)
-    a_idx = list(range(protected, n, 2))
-    b_idx = list(range(protected + 1, n, 2))
+    # ToMe keeps protected tokens inside the alternating split and only forbids them (A: as a source,
+    # B: as a destination).
+    a_idx = [i for i in range(0, n, 2) if i >= protected]
+    b_idx = [i for i in range(1, n, 2) if i >= protected]
     sim = m[a_idx] @ m[b_idx].T
     score, best = sim.max(-1)
     order = sorted(range(len(a_idx)), key=lambda i: (-score[i].item(), i))[:r]
@@ -169,8 +173,8 @@ def test_slots_keep_original_order():
     state = _state(x0, prefix=1)
     for r in (10, 8, 5):
         plan = bipartite_soft_matching(state.x, r, protected=1)
-        # protected and B tokens always survive: their slots must rise with their index
-        survivors = torch.cat([torch.tensor([0]), torch.arange(2, state.num_tokens, 2)])
+        # protected and B (odd) tokens always survive: their slots must rise with their index
+        survivors = torch.cat([torch.tensor([0]), torch.arange(1, state.num_tokens, 2)])
         assert (plan.dst[:, survivors].diff(dim=1) > 0).all()
         state = plan.merge(state)
     # tokens never merged (size 1) hold a single patch each and keep raster order among themselves
@@ -423,3 +427,57 @@ def test_state_rejects_bad_prefix_and_fields_on_another_device():
     for name in ("size", "pos", "source"):
         with pytest.raises(ValueError, match=f"{name} must be on x's device cpu, got meta"):
             state.replace(**{name: getattr(state, name).to("meta")})
+
+
+def _tome_groups(metric, r, class_token, distill_token=False):
+    """ToMe's own ``bipartite_soft_matching`` (facebookresearch/ToMe ``tome/merge.py``), restated: scores of
+    A = even tokens (CLS included) against B = odd tokens, the CLS row set to -inf (and, with a distill
+    token, B's first column), the r best A rows merge into their best B. Returns the partition as a set
+    of frozensets of token indices per sample."""
+    protected = int(class_token) + int(distill_token)
+    r = min(r, (metric.shape[1] - protected) // 2)
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = m[..., ::2, :], m[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    if class_token:
+        scores[..., 0, :] = -math.inf
+    if distill_token:
+        scores[..., :, 0] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    out = []
+    for s_, d_ in zip(src_idx[..., 0].tolist(), dst_idx[..., 0].tolist()):
+        groups = {j: {2 * j + 1} for j in range(b.shape[1])}
+        merged = {2 * i for i in s_}
+        for i, j in zip(s_, d_):
+            groups[j].add(2 * i)
+        parts = {frozenset(g) for g in groups.values()}
+        parts |= {frozenset({2 * i}) for i in range(a.shape[1]) if 2 * i not in merged}
+        out.append(parts)
+    return out
+
+
+def _plan_groups(plan):
+    out = []
+    for row in plan.dst.tolist():
+        groups = {}
+        for i, g in enumerate(row):
+            groups.setdefault(g, set()).add(i)
+        out.append({frozenset(v) for v in groups.values()})
+    return out
+
+
+@pytest.mark.parametrize("n,r", [(17, 8), (17, 3), (50, 20), (197, 16), (198, 99)], ids=lambda v: str(v))
+@pytest.mark.parametrize("protected", [0, 1, 2], ids=lambda p: f"P{p}")
+def test_bipartite_partition_equals_tomes_own(n, r, protected):
+    """Issue 9, defect 7: with a CLS token ToMe keeps it in A (even indices from 0); taking it out of both
+    sets shifted the whole partition. Compared against ToMe's algorithm on the same inputs."""
+    torch.manual_seed(n * 3 + r + protected)
+    x = torch.randn(2, n, 8, dtype=torch.float64)
+    ours = _plan_groups(bipartite_soft_matching(x, r, protected=protected))
+    theirs = _tome_groups(x, r, class_token=protected >= 1, distill_token=protected >= 2)
+    assert ours == theirs
+    for groups in ours:   # protected tokens stay alone
+        assert all(frozenset({i}) in groups for i in range(protected))

@@ -126,10 +126,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, protected: int = 0,
                             block_size: int | None = None) -> MergePlan:
     """ToMe's bipartite soft matching: plan the removal of ``r`` tokens by merging similar pairs.
 
-    The first ``protected`` tokens (a CLS token) are kept out of both sets: never a source, never a
-    destination, so they keep size 1 and their value. The rest split alternately into A (even
-    positions after the protected ones) and B (odd); every A token finds its most similar B token by
-    cosine, and the ``r`` best-scoring A tokens merge into their B token. Ties go to the lower index.
+    Exactly ToMe's partition (``tome/merge.py``, ``class_token=True`` for ``protected=1``; its
+    ``distill_token`` as well for ``protected=2``): all ``N`` tokens split alternately into A (even
+    indices, the CLS token 0 included) and B (odd); a protected token in A can never be a source and one
+    in B never a destination, so the first ``protected`` tokens keep size 1 and their value. Every other
+    A token finds its most similar B token by cosine, and the ``r`` best-scoring A tokens merge into their
+    B token. Ties go to the lower index.
 
     Args:
         metric: ``[B, N, C]`` floating similarity features (attention keys averaged over heads, or the
@@ -156,8 +158,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, protected: int = 0,
         return MergePlan.identity(metric.shape[0], n, device=metric.device)
 
     with torch.no_grad():
-        body = metric[:, protected:]
-        a, b = body[:, 0::2], body[:, 1::2]
+        # ToMe keeps the CLS token inside A and only forbids it as a source (scores row = -inf); leaving
+        # the protected A rows and B columns out of the scoring is the same thing. A at even indices from
+        # 0, B at odd ones: a_skip protected tokens are in A (indices 0, 2, ...), b_skip in B (1, 3, ...).
+        a_skip, b_skip = (protected + 1) // 2, protected // 2
+        a, b = metric[:, 0::2][:, a_skip:], metric[:, 1::2][:, b_skip:]
         # A stays unnormalised: the best B of a row does not depend on the row's own length, so only
         # B needs a normalised copy, and the winning score is rescaled afterwards.
         raw, best = _best_normalised_match(a, b, block_size)
@@ -165,8 +170,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, protected: int = 0,
         score = raw * inv_a
         # The r best-scoring A tokens; a stable sort keeps the lower index first on ties.
         order = score.argsort(dim=-1, descending=True, stable=True)[:, :r]
-        src = protected + 2 * order
-        dst_of_src = protected + 2 * best.gather(1, order) + 1
+        src = 2 * (a_skip + order)
+        dst_of_src = 2 * (b_skip + best.gather(1, order)) + 1
         return _plan_from_merges(metric.shape[0], n, src, dst_of_src, metric.device)
 
 
