@@ -262,7 +262,7 @@ def stream_answer(model, processor, frames: np.ndarray, question: str, *, fps: f
     events: queue.Queue = queue.Queue()
     cuda = model.device.type == "cuda"
     tower, lm = vision_module(model), language_module(model)
-    vision = {"seconds": 0.0, "open": []}
+    vision = {"seconds": 0.0, "open": [], "calls": 0}
     positions: dict = {}
     hooks = []
 
@@ -278,6 +278,7 @@ def stream_answer(model, processor, frames: np.ndarray, question: str, *, fps: f
         def tower_out(module, args, output):
             sync()
             vision["seconds"] += time.perf_counter() - vision["open"].pop()
+            vision["calls"] += 1
 
         hooks += [tower.register_forward_pre_hook(tower_in), tower.register_forward_hook(tower_out)]
     if lm is not None:
@@ -369,7 +370,9 @@ def stream_answer(model, processor, frames: np.ndarray, question: str, *, fps: f
     kv_bytes, kv_tokens = _cache_size(cache if cache is not None else getattr(out, "past_key_values", None))
     peak = (int(torch.cuda.max_memory_allocated(model.device)), "cuda") if cuda else (rss.peak, "rss")
     stats = RunStats(
-        vision_seconds=vision["seconds"] if tower is not None else None, first_token_seconds=first,
+        # None when the tower's forward never ran: an adapter that drives its layers itself (Qwen-VL with
+        # merging in the tower) is not timed by these hooks, and 0 s would be a lie.
+        vision_seconds=vision["seconds"] if vision["calls"] else None, first_token_seconds=first,
         decode_tokens_per_second=decode, peak_memory_bytes=peak[0], peak_memory_kind=peak[1],
         kv_cache_bytes=kv_bytes, kv_cache_tokens=kv_tokens, position_span=positions.get("span"), finish=finish)
     yield Answer(text, result["report"], seconds, n, stats)
