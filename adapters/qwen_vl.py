@@ -55,13 +55,22 @@ class QwenVLAdapter(FamilyAdapter):
     # --- stage A -----------------------------------------------------------------------------
     def install(self, config) -> None:
         super().install(config)
+        from vlmcompress.frame_skip import FrameSkip
+        from vlmcompress.steps import PromptGuidedPool, TemporalMerge
+
         self._vision = None
-        self._pending_grids = []     # LLM-token grids of the items of the last stage-A encode, for grid_to_positions
+        self._pending_grids = []     # full LLM-token grids of the items of the last encode with a merge record
+        steps = config.stage_b_steps()
+        # A FrameSkip first in the steps runs here, before the tower (later ones run as stage-B plans).
+        self._skip = steps[0] if steps and isinstance(steps[0], FrameSkip) else None
+        self.frame_skips = []        # per video of the last call: its FrameSelection (kept / skipped temporal patches)
         if config.compresses_vision:
-            if config.temporal_threshold is not None or config.temporal_keep < 1.0 or config.relevance is not None:
+            if any(isinstance(s, TemporalMerge) or isinstance(s, PromptGuidedPool) and s.relevance is not None
+                   for s in steps):
                 raise ValueError("vision_keep < 1 on Qwen-VL leaves no token grid after the tower, so temporal merging "
-                                 "(temporal_threshold / temporal_keep) and relevance-guided pooling cannot follow it; "
-                                 "use keep_ratio / token_budget (merged to the budget) with stage A, or stage B alone")
+                                 "(temporal_threshold / temporal_keep / TemporalMerge) and relevance-guided pooling "
+                                 "cannot follow it; use keep_ratio / token_budget (merged to the budget) or FrameSkip "
+                                 "with stage A, or stage B alone")
             from .qwen_vision_merge import QwenVisionMerge
 
             self._vision = QwenVisionMerge(self.base.visual, config)
@@ -82,25 +91,35 @@ class QwenVLAdapter(FamilyAdapter):
         return out
 
     def grid_to_positions(self, item_positions, grid_pos, grid):
-        """Stage-A centroids ``(t, h', w')`` ``[M, 3]`` to M-RoPE positions ``[M, 3]``: bilinear in the item's
-        own positions of frame ``t`` (units merge within a frame, so ``t`` is whole). Inside a frame the
-        model's positions are affine in ``(h', w')``, so this is exact, and at integer centroids it returns
-        the model's own positions."""
-        if grid is None:
-            if not self._pending_grids:
-                raise RuntimeError("grid_to_positions: no stage-A grid queued for this item; this is a bug in vlmcompress")
+        """Merge-record centroids ``(t, h', w')`` ``[M, 3]`` (in the item's full LLM-token grid) to M-RoPE
+        positions ``[M, 3]``, interpolating the item's own positions (trilinear).
+
+        Inside a frame the model's positions are affine in ``(h', w')``, so a centroid of units merged in
+        the tower (whole ``t``) gets exactly the centroid of their positions, and integer centroids get the
+        model's own. A fractional ``t`` (frames skipped into a kept one) is interpolated between the two
+        neighbouring frames: the centroid for Qwen2-VL (positions affine in ``t``), close to it for
+        Qwen2.5-VL (its ``t`` positions are truncated to ints) and Qwen3-VL (one text-separated run per frame).
+        """
+        if getattr(self, "_pending_grids", None):
             grid = self._pending_grids.pop(0)
-        _, h, w = grid
+        if grid is None:
+            raise RuntimeError("grid_to_positions: no grid known for this item; this is a bug in vlmcompress")
+        frames, h, w = grid
         p = item_positions.to(torch.float64)
-        t = grid_pos[:, 0].round().long()
-        hh = grid_pos[:, 1].to(torch.float64).clamp(0, h - 1)
-        ww = grid_pos[:, 2].to(torch.float64).clamp(0, w - 1)
-        h0, w0 = hh.floor().long(), ww.floor().long()
-        h1, w1 = (h0 + 1).clamp(max=h - 1), (w0 + 1).clamp(max=w - 1)
-        fh, fw = (hh - h0).unsqueeze(-1), (ww - w0).unsqueeze(-1)
-        base = t * h * w
-        at = lambda i, j: p[base + i * w + j]  # noqa: E731
-        return (1 - fh) * ((1 - fw) * at(h0, w0) + fw * at(h0, w1)) + fh * ((1 - fw) * at(h1, w0) + fw * at(h1, w1))
+        gp = grid_pos.to(torch.float64)
+        axes = []
+        for value, n in ((gp[:, 0], frames), (gp[:, 1], h), (gp[:, 2], w)):
+            v = value.clamp(0, n - 1)
+            lo = v.floor().long()
+            axes.append((lo, (lo + 1).clamp(max=n - 1), (v - lo).unsqueeze(-1)))
+        out = torch.zeros(gp.shape[0], p.shape[1], dtype=torch.float64, device=p.device)
+        for it, ft in ((0, lambda f: 1 - f), (1, lambda f: f)):
+            for ih, fh in ((0, lambda f: 1 - f), (1, lambda f: f)):
+                for iw, fw in ((0, lambda f: 1 - f), (1, lambda f: f)):
+                    weight = ft(axes[0][2]) * fh(axes[1][2]) * fw(axes[2][2])
+                    index = (axes[0][it] * h + axes[1][ih]) * w + axes[2][iw]
+                    out += weight * p[index]
+        return out
 
     # --- encoding ----------------------------------------------------------------------------
     def _features(self, modality: str, kwargs: dict):
@@ -112,7 +131,45 @@ class QwenVLAdapter(FamilyAdapter):
         fn = self.base.get_image_features if modality == "image" else self.base.get_video_features
         return fn(pixels, grid_thw, return_dict=True), grid_thw
 
+    def _encode_skipping(self, modality: str, kwargs: dict) -> EncodedItems:
+        """Frame skipping before the tower: per video, the temporal patches ``self._skip`` keeps are
+        encoded (with stage A when installed); the skipped ones count as merged into their kept patch
+        (:func:`vlmcompress.frame_skip.skipped_state`)."""
+        from vlmcompress.frame_skip import patch_proxy, skipped_state
+
+        key, grid_key = self.trigger_keys[modality], self._grid_key[modality]
+        pixels, grid_thw = kwargs[key], kwargs.get(grid_key)
+        if grid_thw is None:
+            raise ValueError(f"{type(self.model).__name__} needs {grid_key} next to {key}: pass the processor outputs unchanged")
+        selections, rows, kept_grid, start = [], [], [], 0
+        for t, h, w in grid_thw.tolist():
+            item = pixels[start:start + t * h * w]
+            start += t * h * w
+            selection = self._skip.select(patch_proxy(item, (t, h, w)))
+            selections.append(selection)
+            rows += [item[k * h * w:(k + 1) * h * w] for k in selection.kept]
+            kept_grid.append([len(selection.kept), h, w])
+        sub = dict(kwargs)
+        sub[key] = torch.cat(rows)
+        sub[grid_key] = torch.tensor(kept_grid, dtype=grid_thw.dtype, device=grid_thw.device)
+        enc = self._encode(modality, sub)
+        full = self.token_grids(grid_thw)
+        states = []
+        for i, selection in enumerate(selections):
+            kept_source = enc.states[i].source[0] if enc.states is not None else None
+            states.append(skipped_state(enc.features[i], selection, full[i], kept_source))
+        self.frame_skips = selections
+        self._pending_grids = list(full)
+        grids = [None] * len(full) if enc.states is not None else \
+            [(len(s.kept), g[1], g[2]) for s, g in zip(selections, full)]
+        return EncodedItems(enc.features, grids, [t * h * w for t, h, w in full], states, extras=enc.extras)
+
     def encode(self, modality: str, kwargs: dict) -> EncodedItems:
+        if modality == "video" and getattr(self, "_skip", None) is not None:
+            return self._encode_skipping(modality, kwargs)
+        return self._encode(modality, kwargs)
+
+    def _encode(self, modality: str, kwargs: dict) -> EncodedItems:
         if getattr(self, "_vision", None) is not None:
             out = self._merged(modality, kwargs)
             return EncodedItems(out.features, [None] * len(out.features),
@@ -163,6 +220,13 @@ class QwenVLAdapter(FamilyAdapter):
                              "next to input_ids) to compute its 3-D positions; pass the processor outputs unchanged")
         fn = self.base.get_rope_index
         accepted = inspect.signature(fn).parameters
+        # No silent filtering (issue 9, defect 8): a renamed argument must fail loudly, not drop out.
+        # second_per_grid_ts alone is optional: only Qwen2.5-VL's get_rope_index takes it (Qwen2-VL has
+        # no frame timing, Qwen3-VL writes timestamps as text).
+        missing = [k for k in _ROPE_KEYS if k != "second_per_grid_ts" and k not in accepted]
+        if missing:
+            raise RuntimeError(f"{type(self.base).__name__}.get_rope_index takes {list(accepted)}, not {missing}: this "
+                               "transformers version changed it; see vlmcompress.adapters.compat for the tested range")
         args = {k: kwargs[k] for k in _ROPE_KEYS if k in accepted and kwargs.get(k) is not None}
         positions, _ = fn(kwargs["input_ids"], **args)
         return positions.to(torch.float64)
@@ -189,7 +253,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     model_types = ("qwen3_vl", "qwen3_vl_moe")
 
-    def encode(self, modality: str, kwargs: dict) -> EncodedItems:
+    def _encode(self, modality: str, kwargs: dict) -> EncodedItems:
         if getattr(self, "_vision", None) is not None:
             out = self._merged(modality, kwargs)
             # DeepStack taps already hold the final units (they merged along inside the tower).
