@@ -148,6 +148,8 @@ class InternVLAdapter(TowerOnlyMerge, FamilyAdapter):
         """Indices of ``blocks`` per item: the frames of one video together (see the module notes),
         every other block alone."""
         processor = self._processor()
+        if processor is None:
+            self._warn_frames_alone(blocks, per_tile)
         groups: list[list[int]] = []
         for k, (row, col, n) in enumerate(blocks):
             if groups and processor is not None and n == per_tile:
@@ -159,6 +161,25 @@ class InternVLAdapter(TowerOnlyMerge, FamilyAdapter):
                         continue
             groups.append([k])
         return groups
+
+    def _warn_frames_alone(self, blocks, per_tile: int) -> None:
+        """One warning per patched model (issue 9, defect 8): without the processor, frames cannot be grouped
+        into a video, so a configured temporal merge would silently do nothing."""
+        handle = getattr(self.model, "vlmcompress", None)
+        config = getattr(handle, "config", None)
+        if config is None or getattr(self, "_warned_frames", False):
+            return
+        from vlmcompress.steps import TemporalMerge
+
+        rows = [row for row, _, n in blocks if n == per_tile]
+        if any(isinstance(s, TemporalMerge) for s in config.stage_b_steps()) and len(rows) != len(set(rows)):
+            self._warned_frames = True
+            import warnings
+
+            warnings.warn("InternVL: temporal merging is configured but the model was patched without "
+                          "processor=, so video frames cannot be told from separate images and each frame is "
+                          "compressed alone (no temporal merging). Use vlmcompress.patch(model, config, "
+                          "processor=processor).", stacklevel=2)
 
     def _processor(self):
         """The processor given to ``patch(..., processor=)`` when it can write InternVL's frame text."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from contextlib import contextmanager
 
 import torch
@@ -76,7 +77,7 @@ class PatchHandle:
         relevance_frames = kwargs.pop("relevance_frames", None)
         if not self.adapter.modalities(kwargs):
             return kwargs
-        if question is None and self._config.relevance is not None and self.processor is not None:
+        if question is None and self._config.uses_relevance and self.processor is not None:
             check_ids_and_mask(kwargs.get("input_ids"), kwargs.get("attention_mask"))
             question = _read_question(self.processor, self.adapter, kwargs)
         new_kwargs, report = prepare_inputs(self.adapter, self._config, kwargs, question=question,
@@ -221,24 +222,28 @@ def _check_config(config) -> None:
 
 
 def _read_question(processor, adapter, kwargs) -> list[str]:
-    """The user's question in each row: the text after its last visual placeholder, without the chat
-    template's own tokens (skip_special_tokens) and without its generation prompt (``ASSISTANT:``,
-    ``<|im_start|>assistant``), so relevance is scored on the question alone (DESIGN.md §3.2)."""
+    """The user's question in each row: the text of the last user turn (after the chat template's user
+    header, e.g. ``USER:`` or ``<|im_start|>user``), with the visual placeholders taken out wherever they
+    sit (before or after the question, issue 9 defect 6), without the template's special tokens and
+    without its generation prompt (``ASSISTANT:``, ``<|im_start|>assistant``), so relevance is scored on
+    the question alone (DESIGN.md §3.2). Without a recognisable header the whole row's text is used."""
     tok = getattr(processor, "tokenizer", processor)
     ids = kwargs["input_ids"]
     mask = kwargs.get("attention_mask")
     visual = {adapter.token_id(m) for m in ("image", "video")} - {None}
-    suffix = _generation_prompt_ids(processor, tok)
+    header, suffix = _chat_markers(processor, tok)
     special = set(getattr(tok, "all_special_ids", None) or ())
     out = []
     for b, row in enumerate(ids.tolist()):
         if mask is not None:
             row = [t for t, keep in zip(row, mask[b].tolist()) if keep]
-        last = max((i for i, t in enumerate(row) if t in visual), default=-1)
-        tail = row[last + 1:]
+        start = _last_occurrence(row, header)
+        tail = row[start + len(header):] if start >= 0 else row
         if suffix and tail[-len(suffix):] == suffix:
             tail = tail[:-len(suffix)]
-        text = tok.decode(tail, skip_special_tokens=True).strip()
+        tail = [t for t in tail if t not in visual]
+        # Qwen3-VL writes a timestamp as text before each frame group ("<0.2 seconds>"): not the question.
+        text = _TIMESTAMP.sub("", tok.decode(tail, skip_special_tokens=True)).strip()
         if suffix and not special.intersection(suffix):
             # A plain-text generation prompt (LLaVA's " ASSISTANT:") may tokenize differently in context.
             plain = tok.decode(suffix, skip_special_tokens=True).strip()
@@ -248,16 +253,61 @@ def _read_question(processor, adapter, kwargs) -> list[str]:
     return out
 
 
-def _generation_prompt_ids(processor, tok) -> list[int]:
-    """Token ids the processor's chat template writes after the user's text (end of turn + generation
-    prompt), or ``[]`` when there is no chat template to ask."""
+_TIMESTAMP = re.compile(r"<\d+(?:\.\d+)? seconds>")
+
+
+def _last_occurrence(row: list[int], pattern: list[int]) -> int:
+    """Start of the last occurrence of ``pattern`` in ``row``, or -1 (also for an empty pattern)."""
+    if not pattern:
+        return -1
+    k = len(pattern)
+    for i in range(len(row) - k, -1, -1):
+        if row[i:i + k] == pattern:
+            return i
+    return -1
+
+
+_TEMPLATE_WARNED: set = set()
+
+
+def _chat_markers(processor, tok) -> tuple[list[int], list[int]]:
+    """``(user header ids, ids after the user's text)``: what the processor's chat template writes before
+    the user's text of a turn (``USER:``, ``<|im_start|>user\n``, with the text's own leading space or
+    newline left out) and after it (end of turn + generation prompt). ``([], [])`` when the processor has
+    no chat template (a one-time warning says the question is then the row's whole text)."""
     marker = "vlmcompressquestionmarker"
     conversation = [{"role": "user", "content": [{"type": "text", "text": marker}]}]
+    if not callable(getattr(processor, "apply_chat_template", None)):
+        return [], []
     try:
         rendered = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    except Exception:  # no template, or one that needs other content: nothing to strip
-        return []
+    except (ValueError, TypeError, KeyError, AttributeError) + _template_errors() as exc:
+        key = type(processor).__name__
+        if key not in _TEMPLATE_WARNED:
+            _TEMPLATE_WARNED.add(key)
+            import warnings
+
+            warnings.warn(f"vlmcompress: {key}.apply_chat_template failed ({type(exc).__name__}: {exc}); the question "
+                          "for relevance is read as the prompt's whole text. Pass generate(..., question=...) to "
+                          "give it exactly.", stacklevel=4)
+        return [], []
     if not isinstance(rendered, str) or marker not in rendered:
-        return []
-    after = rendered.split(marker)[-1]
-    return tok(after, add_special_tokens=False)["input_ids"] if after else []
+        return [], []
+    before, after = rendered.split(marker, 1)
+    # The header is the last line of what precedes the text (a system prompt may come before it).
+    head = before.rstrip()
+    head = head[head.rfind("\n") + 1:] if "\n" in head else head
+    if not head:
+        before_lines = before.rstrip("\n").split("\n")
+        head = before_lines[-1] if before_lines else ""
+    header = tok(head, add_special_tokens=False)["input_ids"] if head else []
+    suffix = tok(after, add_special_tokens=False)["input_ids"] if after else []
+    return header, suffix
+
+
+def _template_errors() -> tuple:
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover - transformers requires jinja2 for chat templates
+        return ()
+    return (TemplateError,)

@@ -326,6 +326,15 @@ class VisionMerge:
         n = hidden.shape[1]
         grid = self.grid
         if grid is None or grid[1] * grid[2] != n - self.protected:
+            # Not silent (issue 9, defect 8): a flat grid places merged tokens on a line, not at their
+            # 2-D centroids, so stage C positions of this tower's tokens are only raster indices.
+            if not getattr(self, "_warned_grid", False):
+                self._warned_grid = True
+                import warnings
+
+                warnings.warn(f"vlmcompress stage A: the patch grid of this forward ({grid}) does not hold the "
+                              f"{n - self.protected} patch tokens the tower runs on; merged tokens get 1-D "
+                              "(raster) positions (1, 1, N). Report this with the model name.", stacklevel=2)
             grid = (1, 1, n - self.protected)
         self.grid = grid
         state = TokenState.from_features(hidden, grid, prefix=self.protected, track_source=True)

@@ -142,6 +142,11 @@ class CompressionConfig:
         return tuple(s for s in order if s is not None)
 
     @property
+    def uses_relevance(self) -> bool:
+        """True when a stage-B step scores relevance (so the question must be known)."""
+        return any(getattr(s, "relevance", None) is not None for s in self.stage_b_steps())
+
+    @property
     def compresses_vision(self) -> bool:
         return self.vision_keep < 1.0
 
