@@ -12,7 +12,12 @@ from .decode import DecodeError, Sampling
 from .inputs import Item
 from .records import record_key
 
-__all__ = ["Job", "caption_items"]
+__all__ = ["Job", "RESULT_FIELDS", "caption_items"]
+
+# What a captioned record adds (None in a failed one).
+RESULT_FIELDS = ("frames", "timestamps", "frame_indices", "source_fps", "duration", "window", "source_size",
+                 "decoded_size", "visual_tokens", "visual_tokens_kept", "prefill_tokens", "prefill_tokens_kept",
+                 "generated_tokens", "seconds", "batch_size")
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Job:
                "caption": None, "error": None, "error_stage": None,
                "file_size": item.size, "file_mtime": item.mtime, "model": self.model, "preset": self.preset,
                "prompt": self.prompt, "settings": self.settings()}
+        rec.update(dict.fromkeys(RESULT_FIELDS))      # every record has every field: one schema for readers
         rec.update(fields)
         rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return rec

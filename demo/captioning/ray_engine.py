@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 
@@ -62,9 +63,9 @@ def run_ray(job: Job, items: list[Item], *, emit, should_stop, address: str | No
             ray.init(**kwargs)
         else:
             ray.init(address=address, **kwargs)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)   # its INFO lines would break the progress bar
     try:
         ctx = ray.data.DataContext.get_current()
+        logging.getLogger("ray.data").setLevel(logging.ERROR)   # its INFO lines would break the progress bar
         ctx.enable_progress_bars = False           # the driver shows its own bar, with tokens saved
         ctx.verbose_progress = False
         if gpus_per_worker is None:
@@ -80,13 +81,15 @@ def run_ray(job: Job, items: list[Item], *, emit, should_stop, address: str | No
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), len(rows) // batch_size or 1)))
         ds = ds.map_batches(
             _Replica, fn_constructor_kwargs={"job": job, "decode_workers": decode_workers, "device": device},
-            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
             num_gpus=gpus_per_worker, num_cpus=1)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for text in batch["record"]:
-                emit(json.loads(text))
-            if should_stop():
-                break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # Ray Data's tuning hints, printed over the progress bar
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for text in batch["record"]:
+                    emit(json.loads(text))
+                if should_stop():
+                    break
     except ModelError:
         raise
     except Exception as e:

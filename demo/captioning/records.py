@@ -8,7 +8,7 @@
 - One writer per output: a lock file beside it (``<output>.lock``, via ``filelock``) is taken for the
   whole run; a second run on the same output stops with a clear message instead of writing twice.
 - ``-o DIR/`` (an existing folder, or a name ending in ``/``): each run writes its own shard
-  ``part-<time>-<pid>.jsonl`` there; resume reads every ``*.jsonl`` in the folder.
+  ``part-<time>-<pid>-<random>.jsonl`` there; resume reads every ``*.jsonl`` in the folder.
 - ``-o -``: JSON lines to standard output; nothing to resume from, no lock.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ class Store:
             return
         if self.is_dir:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            self.write_path = self.path / f"part-{stamp}-{os.getpid()}.jsonl"
+            self.write_path = self.path / f"part-{stamp}-{os.getpid()}-{os.urandom(3).hex()}.jsonl"
         else:
             self.write_path = self.path
         self._fd = os.open(self.write_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
