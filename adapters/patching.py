@@ -21,6 +21,7 @@ import torch
 
 from vlmcompress.config import CompressionConfig
 
+from .compat import check_transformers_version
 from .llm_attention import check_llm_attention, install_llm_attention
 from .pipeline import CompressionReport, check_ids_and_mask, prepare_inputs
 from .registry import adapter_for
@@ -101,6 +102,7 @@ def patch(model, config: CompressionConfig | None = None, *, processor=None):
             handle.processor = processor
         return model
     adapter = adapter_for(model)
+    check_transformers_version()     # one warning per process outside the tested range (compat.py)
     # Instance attributes already there (accelerate's device-map forward, another tool's wrapper) are
     # wrapped, not replaced, and put back by unpatch.
     previous = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
