@@ -95,11 +95,19 @@ def esc(text) -> str:
     return html.escape(_MD_SPECIAL.sub(r"\\\1", str(text)), quote=False)
 
 
-def mmss(seconds: float) -> str:
-    """``75.4`` → ``"01:15"``; an hour or more → ``"1:02:03"``."""
-    s = max(0, int(round(float(seconds))))
-    h, rem = divmod(s, 3600)
-    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:02d}:{rem % 60:02d}"
+def mmss(seconds: float, decimals: int = 0) -> str:
+    """``75.4`` → ``"01:15"`` (``decimals=1``: ``"01:15.4"``); an hour or more → ``"1:02:03"``."""
+    seconds = max(0.0, round(float(seconds), decimals))
+    whole = int(seconds)
+    h, rem = divmod(whole, 3600)
+    frac = f"{seconds - whole:.{decimals}f}"[1:] if decimals else ""
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}{frac}" if h else f"{rem // 60:02d}:{rem % 60:02d}{frac}"
+
+
+def _stamp(times: Sequence[float], i: int) -> str:
+    """The label of frame ``i``: ``mm:ss``, with tenths when the whole video is under a minute (frames of a
+    short clip would otherwise share labels)."""
+    return mmss(times[i], 1 if times[-1] < 60 else 0)
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -476,7 +484,7 @@ def merge_strip(item, frames: np.ndarray, *, max_frames: int = STRIP_FRAMES, hei
                           alpha=0.55, borders=True)[0]                      # [T, height, width, 3]
     steps = _shown_steps(t, max_frames)
     shown = [int(picked[s]) for s in steps]
-    labels = None if times is None else [mmss(times[i]) for i in shown]
+    labels = None if times is None else [_stamp(times, i) for i in shown]
     return _tile(tinted[steps], columns, gap, labels), shown
 
 
@@ -511,7 +519,7 @@ def heatmap_strip(relevance: np.ndarray, frames: np.ndarray, *, max_frames: int 
     heat = np.stack([np.asarray(Image.fromarray(_heat_colours(rel[s])).resize((ww, hh), Image.NEAREST))
                      for s in steps])
     blended = (0.4 * tiles + 0.6 * heat).round().astype(np.uint8)
-    labels = None if times is None else [mmss(times[i]) for i in shown]
+    labels = None if times is None else [_stamp(times, i) for i in shown]
     return _tile(blended, columns, gap, labels), shown
 
 
@@ -531,7 +539,7 @@ def frame_timeline(item, times: Sequence[float] | None, num_frames: int) -> list
     kept = np.bincount(np.fromiter(first.values(), dtype=np.int64, count=len(first)), minlength=t)
     picked = (np.arange(t) * num_frames) // t
     return [{"frame": int(picked[s]), "time_s": None if times is None else round(float(times[picked[s]]), 3),
-             "label": None if times is None else mmss(times[picked[s]]),
+             "label": None if times is None else _stamp(times, int(picked[s])),
              "tokens": h * w, "kept": int(kept[s])} for s in range(t)]
 
 
@@ -788,7 +796,7 @@ def iter_comparison(video_path, model: str | None = None, question: str = DEFAUL
     image = timeline_img = heat = None
     timeline: list = []
     lines = [f"Video {mmss(clip.duration)} long; {clip.num_frames} frames sampled uniformly "
-             f"({', '.join(mmss(t) for t in times[:3])}{' …' if len(times) > 3 else ''})."]
+             f"({', '.join(_stamp(times, i) for i in range(min(3, len(times))))}{' …' if len(times) > 3 else ''})."]
     if item is None:
         lines.append("No merge picture: this model's report has no token grid for the video (merging in the "
                      "vision tower, stage A, leaves no grid).")
@@ -801,7 +809,7 @@ def iter_comparison(video_path, model: str | None = None, question: str = DEFAUL
         extra = f" + {tail} newline token{'s' * (tail > 1)}" if tail > 0 else ""
         kept_grid = sum(r["kept"] for r in timeline)
         lines.append(
-            f"Frames at {', '.join(mmss(times[i]) for i in shown)} shown. {item.modality.capitalize()} grid "
+            f"Frames at {', '.join(_stamp(times, i) for i in shown)} shown. {item.modality.capitalize()} grid "
             f"{t}×{h}×{w} = {grid} tokens{extra} = {item.placeholders} placeholders → {item.after_compress} "
             f"after compression ({kept_grid} from the grid{extra and f', {item.after_compress - kept_grid} newline'}). "
             "Each patch is tinted by the compressed token it ended in: one colour across frames = merged across time.")
@@ -943,7 +951,7 @@ def build_app(*, device: str | None = None, limits: Limits = Limits(), models: S
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
                 video = gr.Video(value=first.path if first else None, label="Video", sources=["upload"],
-                                 elem_id="video")
+                                 elem_id="video", height=260)
                 with gr.Row():
                     example = gr.Dropdown([(f"{n}: {EXAMPLES[n][2]}", n) for n in EXAMPLES], value=DEFAULT_EXAMPLE,
                                           label="Examples (generated on first use)", scale=3, elem_id="example")
@@ -955,6 +963,9 @@ def build_app(*, device: str | None = None, limits: Limits = Limits(), models: S
                 question = gr.Textbox(value=first.question if first else DEFAULT_QUESTION, label="Question", lines=2,
                                       elem_id="question", max_length=40 * limits.max_question_tokens,
                                       info=f"at most {limits.max_question_tokens} tokens")
+                with gr.Row():
+                    run = gr.Button("Run: unpatched vs compressed", variant="primary", elem_id="run-btn", scale=3)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
                 frames = gr.Slider(2, 64, value=16, step=1, label="Frames to sample",
                                    info="spread uniformly over the whole video")
                 preset = gr.Dropdown(sorted(PRESETS) + [CUSTOM], value=DEFAULT_PRESET, label="Preset",
@@ -977,9 +988,6 @@ def build_app(*, device: str | None = None, limits: Limits = Limits(), models: S
                                   info="position step of a visual token; 1 = the model's own positions")
                 with gr.Accordion("More", open=False):
                     new_tokens = gr.Slider(1, 256, value=32, step=1, label="Max new tokens")
-                with gr.Row():
-                    run = gr.Button("Run: unpatched vs compressed", variant="primary", elem_id="run-btn", scale=3)
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
             with gr.Column(scale=3, min_width=400):
                 status = gr.Markdown("Pick a video (or an example), then **Run**.", elem_id="status")
                 with gr.Row():
@@ -991,7 +999,7 @@ def build_app(*, device: str | None = None, limits: Limits = Limits(), models: S
                 timeline = gr.Image(label="Tokens kept per frame along the video", type="numpy", interactive=False,
                                     format="png", elem_id="timeline-image")
                 heatmap = gr.Image(label="Relevance to the question (prompt-guided pooling on)", type="numpy",
-                                   interactive=False, format="png", elem_id="heatmap-image")
+                                   interactive=False, format="png", elem_id="heatmap-image", visible=False)
                 note = gr.Markdown(elem_id="merge-note")
                 with gr.Accordion("Numbers (JSON, as the /compare API returns them)", open=False):
                     numbers = gr.JSON(elem_id="numbers")
@@ -1062,8 +1070,9 @@ def build_app(*, device: str | None = None, limits: Limits = Limits(), models: S
                                             allowed_models=allowed, stop=event):
                     if isinstance(part, Comparison):
                         c = part
+                        heat = gr.update(value=c.heatmap_image, visible=c.heatmap_image is not None)
                         yield (_status_done(c), c.base.text, c.compressed.text, c.table, c.merge_image,
-                               c.timeline_image, c.heatmap_image, c.note, c.numbers(), idle)
+                               c.timeline_image, heat, c.note, c.numbers(), idle)
                         return
                     name, text = part
                     texts[name] = text

@@ -179,7 +179,7 @@ def test_qwen_grid_groups_frames_in_time(square):
                        config=build_config("aggressive"))
     item = c.compressed.report.items[0]
     assert item.grid[0] == 4 and c.merge_image.shape[0] == app.STRIP_HEIGHT + app.LABEL_HEIGHT
-    times = [mmss(t) for t in c.timestamps]
+    times = [mmss(t, 1) for t in c.timestamps]                      # a 4-second clip: tenths of seconds
     assert f"Frames at {', '.join(times[i] for i in (0, 2, 4, 6))} shown" in c.note.replace("\\", "")
 
 
@@ -333,6 +333,11 @@ def test_needle_example_flash_is_seen_by_16_sampled_frames(needle):
 
 
 # ---------------------------------------------------------------------------------------- messages
+
+def test_mmss():
+    assert [mmss(0), mmss(75.4), mmss(3723), mmss(3.46, 1), mmss(59.96, 1)] == \
+        ["00:00", "01:15", "1:02:03", "00:03.5", "01:00.0"]
+
 
 def test_messages_are_escaped():
     text = "pick tiny-random:<family> or a_b *c*"
@@ -541,6 +546,7 @@ def test_browser_upload_run_stream_stop_and_errors(square, tmp_path, monkeypatch
                 page.goto(s.url)
                 status = page.locator("#status")
                 # upload (replaces the preloaded example), run, and see the answers, table and pictures
+                page.click("#video button[aria-label=Clear]")
                 page.locator("#video input[type=file]").set_input_files(square.path)
                 page.locator("#question textarea").fill("What moves?")
                 page.click("#run-btn")
