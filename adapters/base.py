@@ -32,6 +32,9 @@ class EncodedItems:
             with exactly the weights of ``features`` (Qwen3-VL's DeepStack features). Similarity and
             relevance look at ``features`` only; the compressed extras reach ``encoder_output(...,
             extras=)`` as one list of ``[M_i, C_k]`` tensors per item.
+        frame_skips: optional, per item, the :class:`vlmcompress.frame_skip.FrameSelection` of an item
+            whose near-duplicate frames were skipped before the tower (``None``: not skipped); the
+            report lists them (``ItemReport.skipped_frames``).
     """
 
     features: list[torch.Tensor]
@@ -40,6 +43,7 @@ class EncodedItems:
     states: list[TokenState | None] | None = None
     keep_tail: list[int] | None = None
     extras: list[list[torch.Tensor]] | None = None
+    frame_skips: list | None = None
 
 
 class FamilyAdapter:

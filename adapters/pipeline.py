@@ -32,6 +32,7 @@ class ItemReport:
     grid: tuple | None = None           # (T, H, W) LLM-token grid of the item, when it has one
     source: torch.Tensor | None = None  # [placeholders] int64: which LLM token holds each original token (-1: dropped)
     size: torch.Tensor | None = None    # [after_compress] how many original tokens each one stands for
+    skipped_frames: list[int] | None = None  # temporal units never encoded (FrameSkip before the tower)
 
     @property
     def kept_ratio(self) -> float:
@@ -61,8 +62,9 @@ class CompressionReport:
         lines = [f"visual tokens {self.visual_before} -> {self.visual_after}; prefill per row "
                  f"{self.prefill_before} -> {self.prefill_after}"]
         for it in self.items:
+            skipped = f", frames {it.skipped_frames} skipped before the tower" if it.skipped_frames else ""
             lines.append(f"  {it.modality} (row {it.row}): {it.placeholders} -> {it.after_vision} (vision) "
-                         f"-> {it.after_compress} (LLM)")
+                         f"-> {it.after_compress} (LLM){skipped}")
         return "\n".join(lines)
 
 
@@ -77,6 +79,7 @@ class _Item:
     tail: int = 0                         # trailing tokens kept out of compression (EncodedItems.keep_tail)
     frames: object = None                 # zero-argument callable giving the item's frames (relevance scorers)
     extra_widths: tuple[int, ...] = ()    # channels of EncodedItems.extras appended to state.x
+    skipped: list[int] | None = None      # EncodedItems.frame_skips[i].skipped
 
 
 def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: dict, *,
@@ -136,7 +139,9 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
             if tail and enc.states is not None and enc.states[i] is not None:
                 raise ValueError(f"{modality} {i}: keep_tail together with a merging vision tower is not supported")
             state, widths = _append_extras(state, enc, i, modality)
+            skips = getattr(enc, "frame_skips", None)
             item = _Item(modality, row, c, state, enc.grids[i], tail=tail, extra_widths=widths,
+                         skipped=list(skips[i].skipped) if skips and skips[i] is not None else None,
                          frames=_frames_source(adapter, modality, kwargs, i, relevance_frames, len(items)))
             encoded[modality].append(item)
             items.append(item)
@@ -156,7 +161,7 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
         item.anchors = _anchors(item.state).to(item.slots.device)   # features may live on another device
         report.items.append(ItemReport(item.modality, item.row, item.slots.numel(), before, item.state.num_tokens,
                                        grid=item.grid, source=_source_or_none(item.state),
-                                       size=item.state.size[0].detach()))
+                                       size=item.state.size[0].detach(), skipped_frames=item.skipped))
 
     keep = mask.bool().clone()
     for item in items:
