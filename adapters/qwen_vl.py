@@ -162,7 +162,8 @@ class QwenVLAdapter(FamilyAdapter):
         self._pending_grids = list(full)
         grids = [None] * len(full) if enc.states is not None else \
             [(len(s.kept), g[1], g[2]) for s, g in zip(selections, full)]
-        return EncodedItems(enc.features, grids, [t * h * w for t, h, w in full], states, extras=enc.extras)
+        return EncodedItems(enc.features, grids, [t * h * w for t, h, w in full], states, extras=enc.extras,
+                            frame_skips=selections)
 
     def encode(self, modality: str, kwargs: dict) -> EncodedItems:
         if modality == "video" and getattr(self, "_skip", None) is not None:

@@ -165,3 +165,19 @@ def test_static_video_answer_of_the_trained_model_is_unchanged():
     with compressed(model, CompressionConfig.from_steps(FrameSkip(threshold=0.0))):
         out = generate_tokens(model, inputs)
     assert torch.equal(out, ref)
+
+
+def test_report_lists_skipped_frames():
+    from vlmcompress.adapters import patch, unpatch
+    from vlmcompress.testing.adapter_checks import cached_model, cached_processor, chat_inputs, generate_tokens
+
+    model, processor = cached_model("qwen2_vl"), cached_processor("qwen2_vl")
+    clip = _frames("abababcc", size=(48, 48)).numpy()              # temporal patches (ab)(ab)(ab)(cc)
+    patch(model, CompressionConfig.from_steps(FrameSkip(threshold=0.0)))
+    try:
+        generate_tokens(model, chat_inputs(processor, [([("video", clip)], "What is shown?")]))
+        report = model.vlmcompress.report
+    finally:
+        unpatch(model)
+    assert report.items[0].skipped_frames == [1, 2]
+    assert "frames [1, 2] skipped before the tower" in report.summary()
