@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import vlmcompress as vc  # noqa: E402
 from vlmcompress.config import PRESETS  # noqa: E402
 
-from .runner import TINY_PREFIX, Answer, RunStats, load, stream_answer  # noqa: E402
+from .runner import TINY_PREFIX, Answer, RunStats, default_model, load, stream_answer  # noqa: E402
 
 __all__ = [
     "Comparison", "DemoError", "Stopped", "EXAMPLES", "Example", "Limits", "build_app", "build_config", "default_model",
@@ -43,7 +43,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TINY_DEFAULT = TINY_PREFIX + "llava_onevision"
 DEFAULT_PRESET = "balanced"
 CUSTOM = "custom"         # the preset box shows this once the sliders no longer match a preset
 MAX_FRAMES = 512          # plain-function cap; the UI slider stops at 64
@@ -191,15 +190,6 @@ def _shipped(kind: str = "vlm") -> list[str]:
     return models.available(kind)
 
 
-def default_model() -> str:
-    """The shipped task-trained model when installed (``vlmcompress.models.DEFAULT``), else a tiny random one."""
-    try:
-        from vlmcompress import models
-    except ImportError:
-        return TINY_DEFAULT
-    return models.DEFAULT if models.DEFAULT in models.available("vlm") else TINY_DEFAULT
-
-
 def model_choices(extra: Sequence[str] = ()) -> list[tuple[str, str]]:
     """``(label, name)`` of every model this server offers: the shipped trained models, those named on
     the command line (``extra``), and the tiny random-weight ones (labelled as such)."""
@@ -234,14 +224,7 @@ def get_model(name: str, device: str | None = None):
             _models.move_to_end(key)
             return _models[key]
         try:
-            if name in _shipped("vlm"):
-                from vlmcompress import models
-
-                loaded = models.load(name, device=device or "cpu")
-                if getattr(loaded[1], "tokenizer", None) is not None:
-                    loaded[1].tokenizer.padding_side = "left"
-            else:
-                loaded = load(str(Path(name).expanduser()) if name.startswith("~") else name, device=device)
+            loaded = load(str(Path(name).expanduser()) if name.startswith("~") else name, device=device)
         except (OSError, ValueError, ImportError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DemoError(f"Could not load model {name!r}: {first}") from e
@@ -543,18 +526,19 @@ def frame_timeline(item, times: Sequence[float] | None, num_frames: int) -> list
              "tokens": h * w, "kept": int(kept[s])} for s in range(t)]
 
 
-def timeline_image(timeline: list[dict], *, width: int = 720, height: int = 170) -> np.ndarray:
+def timeline_image(timeline: list[dict], *, width: int = 720, height: int = 180) -> np.ndarray:
     """Bars along the video's time axis: tokens per frame unpatched (grey) and kept (blue), mm:ss under."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
-    left, right, top, bottom = 36, 8, 18, height - 22
+    # top margin: gradio lays the image's label over its top-left corner
+    left, right, top, bottom = 36, 8, 30, height - 22
     top_val = max(max(r["tokens"] for r in timeline), 1)
     n = len(timeline)
     slot = (width - left - right) / n
     bar = max(1.0, slot * 0.8)
-    d.text((left, 2), "tokens per frame: grey = unpatched, blue = kept after compression", fill=(0, 0, 0))
+    d.text((width - 330, 4), "grey = tokens unpatched, blue = kept after compression", fill=(0, 0, 0))
     d.line([(left - 2, top), (left - 2, bottom)], fill=(0, 0, 0))
     d.line([(left - 2, bottom), (width - right, bottom)], fill=(0, 0, 0))
     d.text((2, top - 4), str(top_val), fill=(0, 0, 0))

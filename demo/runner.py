@@ -16,6 +16,16 @@ import torch
 import vlmcompress as vc
 
 TINY_PREFIX = "tiny-random:"
+TINY_DEFAULT = TINY_PREFIX + "llava_onevision"
+
+
+def default_model() -> str:
+    """The shipped task-trained model when installed (``vlmcompress.models.DEFAULT``), else a tiny random one."""
+    try:
+        from vlmcompress import models
+    except ImportError:                                 # an installation without the registry
+        return TINY_DEFAULT
+    return models.DEFAULT if models.DEFAULT in models.available("vlm") else TINY_DEFAULT
 
 
 @dataclass
@@ -47,7 +57,8 @@ class Answer:
 
 def load(name: str, *, dtype: str | torch.dtype = "auto", device: str | None = None,
          local_files_only: bool = False):
-    """``(model, processor)`` from a hub id, a local folder, or ``tiny-random:<family>``.
+    """``(model, processor)`` from a shipped model name (``synth-onevision``, see :mod:`vlmcompress.models`),
+    a hub id, a local folder, or ``tiny-random:<family>``.
 
     ``tiny-random:`` models are built offline with random weights: their answers are gibberish, but the
     whole pipeline (frames, processor, compression, generate) is real. ``dtype``: ``"auto"`` (the
@@ -60,7 +71,14 @@ def load(name: str, *, dtype: str | torch.dtype = "auto", device: str | None = N
         ValueError: an unknown ``tiny-random:`` family or dtype.
         OSError: from ``transformers`` when a hub id cannot be found or downloaded.
     """
-    if name.startswith(TINY_PREFIX):
+    shipped = _shipped_names()
+    if name in shipped:                     # a task-trained model shipped in the package (vlmcompress.models)
+        from vlmcompress import models
+
+        model, processor = models.load(name, device=device or "cpu",
+                                       dtype=None if dtype == "auto" else _dtype(dtype))
+        device = None
+    elif name.startswith(TINY_PREFIX):
         from vlmcompress.testing.tiny_models import FAMILIES, tiny_model_and_processor
 
         family = name[len(TINY_PREFIX):]
@@ -85,6 +103,14 @@ def load(name: str, *, dtype: str | torch.dtype = "auto", device: str | None = N
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def _shipped_names() -> tuple[str, ...]:
+    try:
+        from vlmcompress import models
+    except ImportError:
+        return ()
+    return tuple(models.names("vlm"))
 
 
 def _dtype(dtype):

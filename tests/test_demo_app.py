@@ -167,7 +167,7 @@ def test_timeline_counts_tokens_per_frame():
     assert [r["kept"] for r in rows] == [2, 0, 1]
     assert [r["label"] for r in rows] == ["00:00", "01:01", "02:02"] and all(r["tokens"] == 2 for r in rows)
     img = app.timeline_image(rows)
-    assert img.shape == (170, 720, 3) and img.dtype == np.uint8
+    assert img.shape == (180, 720, 3) and img.dtype == np.uint8
     blue = (img[..., 2] > 200) & (img[..., 0] < 80)
     cols = np.flatnonzero(blue.any(axis=0))
     slot = (720 - 36 - 8) / 3
@@ -413,6 +413,27 @@ def test_port_from_env_and_fallback_to_the_next_free_one(monkeypatch):
     with pytest.raises(SystemExit):
         monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
         app.parse_args([])
+
+
+def test_main_falls_back_to_the_next_free_port_and_says_so(monkeypatch, capsys):
+    launched = {}
+
+    class Fake:
+        vlmcompress_allowed_paths = ["/x"]
+
+        def launch(self, **kwargs):
+            launched.update(kwargs)
+
+    monkeypatch.setattr(app, "build_app", lambda **kwargs: launched.update(build=kwargs) or Fake())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("GRADIO_SERVER_PORT", str(port))
+        assert app.main(["--max-file-size", "5mb", "--model", "my/vlm"]) == 0
+    assert launched["server_port"] > port and launched["max_file_size"] == "5mb"
+    assert launched["build"]["models"] == ["my/vlm"] and launched["build"]["allow_any_model"] is False
+    assert f"port {port} is taken; serving on port {launched['server_port']} instead" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------ served: API

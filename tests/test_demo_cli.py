@@ -6,11 +6,26 @@ import torch
 from vlmcompress.demo.__main__ import main as demo_main
 
 
+@pytest.fixture(autouse=True)
+def example_cache(tmp_path, monkeypatch):
+    """The demo's example video is generated here, not into the user's ~/.cache."""
+    monkeypatch.setenv("VLMCOMPRESS_CACHE", str(tmp_path / "cache"))
+
+
 def test_demo_prints_token_table(capsys):
     assert demo_main(["--frames", "8", "--max-new-tokens", "3", "--model", "tiny-random:qwen2_vl"]) == 0
     out = capsys.readouterr().out
     assert "| unpatched |" in out and "| balanced |" in out
     assert "visual tokens" in out
+    assert "example needle-2min" in out                  # the web demo's default example, by default
+
+
+def test_demo_default_model_is_the_shipped_one_when_installed():
+    from vlmcompress import models
+    from vlmcompress.demo.__main__ import parse_args
+
+    expected = "synth-onevision" if "synth-onevision" in models.available() else "tiny-random:llava_onevision"
+    assert parse_args([]).model == expected
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
