@@ -45,6 +45,7 @@ _LAZY = {
     "Plan": "vlmcompress.plan",
     **dict.fromkeys(["StepContext", "apply_steps", "PromptGuidedPool", "MergeToBudget", "TemporalMerge", "UniformPool",
                      "RandomDrop"], "vlmcompress.steps"),
+    **dict.fromkeys(["FrameSkip", "FrameSelection", "select_frames", "frame_proxy"], "vlmcompress.frame_skip"),
     # adapters
     **dict.fromkeys(["patch", "unpatch", "compressed", "is_patched", "supported_model_types", "CompressionReport",
                      "ItemReport"], "vlmcompress.adapters"),
