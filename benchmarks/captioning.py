@@ -19,8 +19,8 @@ Timed: the captioning loop only, after the model is loaded and one warm-up batch
 submitting the dataset to the last record, so it includes starting the 2 actors and loading their
 models; the table says so). Every run writes the same records (checked: same captions as batch 1).
 
-Part 2, decode memory: peak RSS of decoding 16 frames from 1-, 10- and 60-minute videos (960x540,
-5 fps) in a fresh process each, at the source size and with ``--resize 384`` (decord scales inside
+Part 2, decode memory: peak RSS of decoding 16 frames from 1-, 10- and 60-minute videos (1280x720,
+2 fps; ``--long-size``) in a fresh process each, at the source size and with ``--resize 384`` (decord scales inside
 the decoder), above the process's RSS after imports.
 
 Rows are appended to ``benchmarks/results/captioning.csv``; the table is printed in Markdown.
@@ -135,9 +135,10 @@ def decode_memory(args, root: Path) -> list[dict]:
     for minutes in args.lengths:
         video = root / f"long{minutes}.mp4"
         t = time.perf_counter()
-        # a moving test pattern (every frame differs), GOP of 10 s: seeking decodes up to 50 frames
-        ffmpeg("-f", "lavfi", "-i", "testsrc2=size=960x540:rate=5", "-t", minutes * 60, "-c:v", "libx264",
-               "-preset", "ultrafast", "-g", 50, "-pix_fmt", "yuv420p", video)
+        # a moving test pattern (every frame differs), a keyframe every 10 s: a seek decodes up to 20 frames.
+        # 2 fps keeps making an hour of video cheap; decoding 16 frames does not depend on the rate.
+        ffmpeg("-f", "lavfi", "-i", f"testsrc2=size={args.long_size}:rate=2", "-t", minutes * 60, "-c:v", "libx264",
+               "-preset", "ultrafast", "-g", 20, "-pix_fmt", "yuv420p", video)
         print(f"  made a {minutes}-min video in {time.perf_counter() - t:.0f} s", flush=True)
         for resize in ("none", "384"):
             out = subprocess.run([sys.executable, "-P", "-c", _DECODE_CHILD, str(video), resize], check=True,
@@ -146,7 +147,7 @@ def decode_memory(args, root: Path) -> list[dict]:
             rows.append(dict(part="decode", setting=f"{minutes} min, resize {resize}", video_minutes=minutes,
                              resize=resize, decoded_size="x".join(map(str, res["size"])),
                              peak_rss_mb=round(res["peak_mb"], 1), decode_s=round(res["seconds"], 2), frames=16,
-                             note="960x540 source, 5 fps"))
+                             note=f"{args.long_size} source, 2 fps"))
             print(f"  {minutes} min, resize {resize}: {res['peak_mb']:.0f} MB, {res['seconds']:.2f} s", flush=True)
         video.unlink()
     return rows
@@ -162,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--lengths", default="1,10,60", help="video lengths in minutes for the decode-memory part")
+    p.add_argument("--long-size", default="1280x720", help="size of the long videos (decode-memory part)")
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--skip", choices=("throughput", "decode"), default=None)
     p.add_argument("--quick", action="store_true", help="8 videos; 1- and 2-minute videos")

@@ -197,8 +197,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
 
     v = p.add_argument_group("video")
-    v.add_argument("--frames", type=_positive(int), default=16,
-                   help="frames sampled uniformly in time over the window (default: %(default)s)")
+    v.add_argument("--frames", type=_positive(int), default=None,
+                   help="frames sampled uniformly in time over the window (default: 16)")
     v.add_argument("--fps", type=_positive(float), default=None, help="or sample this many frames per second")
     v.add_argument("--max-frames", type=_positive(int), default=None, help="cap on the frames sampled")
     v.add_argument("--start", type=_seconds, default=0.0, help="window start in seconds")
@@ -234,8 +234,10 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    if args.fps is not None and "--frames" in (argv if argv is not None else sys.argv):
+    if args.fps is not None and args.frames is not None:
         p.error("give --frames or --fps, not both")
+    if args.fps is None and args.frames is None:
+        args.frames = 16
     if args.end is not None and args.end <= args.start:
         p.error(f"--end ({args.end:g} s) must be after --start ({args.start:g} s)")
     try:
@@ -391,9 +393,9 @@ def _run(args, model_name: str, store: Store, warn) -> int:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc="captioning", unit="video", file=sys.stderr, dynamic_ncols=True,
-               disable=True if args.no_progress else None)
-    tally = _Tally(bar)
+    from .captioning.job import caption_items
+
+    tally = _Tally(None)
     stop = _Stop()
 
     def emit(rec):
@@ -403,31 +405,32 @@ def _run(args, model_name: str, store: Store, warn) -> int:
     store.open()
     try:
         with stop.installed(), quiet_native_stderr(not args.verbose):
-            if args.engine == "ray":
-                from .captioning.ray_engine import run_ray
+            # made here: inside the redirect, sys.stderr is the terminal and fd 2 is /dev/null
+            tally.bar = tqdm(total=len(todo), desc="captioning", unit="video", file=sys.stderr, dynamic_ncols=True,
+                             disable=True if args.no_progress else None)
+            try:
+                if args.engine == "ray":
+                    from .captioning.ray_engine import run_ray
 
-                run_ray(job, todo, emit=emit, should_stop=stop, address=args.ray_address, workers=args.workers,
-                        batch_size=args.batch_size, decode_workers=args.decode_workers,
-                        gpus_per_worker=args.gpus_per_worker, warn=warn)
-            else:
-                from .captioning.engine import Captioner, load_model
+                    run_ray(job, todo, emit=emit, should_stop=stop, address=args.ray_address, workers=args.workers,
+                            batch_size=args.batch_size, decode_workers=args.decode_workers,
+                            gpus_per_worker=args.gpus_per_worker, warn=warn)
+                else:
+                    from .captioning.engine import Captioner, load_model
 
-                model, processor = load_model(model_name, device=args.device, dtype=args.dtype, warn=warn)
-                job.resolve_resize(processor)
-                captioner = Captioner(model, processor, args.config, args.prompt,
-                                      max_new_tokens=args.max_new_tokens)
-                from .captioning.job import caption_items
-
-                caption_items(job, captioner, todo, batch_size=args.batch_size,
-                              decode_workers=args.decode_workers, emit=emit, should_stop=stop)
+                    model, processor = load_model(model_name, device=args.device, dtype=args.dtype, warn=warn)
+                    job.resolve_resize(processor)
+                    captioner = Captioner(model, processor, args.config, args.prompt,
+                                          max_new_tokens=args.max_new_tokens)
+                    caption_items(job, captioner, todo, batch_size=args.batch_size,
+                                  decode_workers=args.decode_workers, emit=emit, should_stop=stop)
+            finally:
+                tally.bar.close()
     except ModelError as e:
-        bar.close()
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         stop.signum = stop.signum or signal.SIGINT
-    finally:
-        bar.close()
     _summary(args, tally, skipped, failed_before, interrupted=stop.signum)
     if stop.signum is not None:
         return 128 + int(stop.signum)

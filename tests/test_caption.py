@@ -287,7 +287,7 @@ def _spawn(args, out):
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_lines(out, proc, n=1, timeout=120):
+def _wait_for_lines(out, proc, n=1, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and out.read_text().count("\n") >= n:
@@ -314,7 +314,7 @@ def test_kill_9_mid_run_then_rerun_gives_every_video_once(many, tmp_path):
     proc.wait()
     assert len(out.read_text().splitlines()) < 8, "the run ended before it could be killed mid-way"
     again = _spawn(args, out)
-    _, err = again.communicate(timeout=300)
+    _, err = again.communicate(timeout=900)
     assert again.returncode == 0, err
     recs = rows(out)
     assert sorted(Path(r["video"]).name for r in recs) == [f"v{i}.mp4" for i in range(8)]
@@ -326,7 +326,7 @@ def test_sigint_finishes_the_record_and_says_how_to_resume(many, tmp_path):
     proc = _spawn([str(many), "--model", MODEL, "--frames", "4", "--max-new-tokens", "24"], out)
     _wait_for_lines(out, proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 130
     assert "Traceback" not in err and "run the same command again to resume" in err
     recs = rows(out)                                           # whole lines only
@@ -336,12 +336,12 @@ def test_sigint_finishes_the_record_and_says_how_to_resume(many, tmp_path):
 def test_decoder_messages_do_not_reach_the_terminal(media, tmp_path):
     out = tmp_path / "c.jsonl"
     proc = _spawn([str(media / "bad" / "corrupt.mp4"), str(media / "bad" / "notes.txt"), *FAST], out)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 1
     assert ".cc:" not in err and "Invalid data" not in err      # decord/ffmpeg's own lines are silenced
     assert "failed 2" in err
     proc = _spawn([str(media / "bad" / "corrupt.mp4"), *FAST, "--verbose"], tmp_path / "d.jsonl")
-    assert ".cc:" in proc.communicate(timeout=300)[1]           # and kept with --verbose
+    assert ".cc:" in proc.communicate(timeout=900)[1]           # and kept with --verbose
 
 
 # -- batching and Ray give the same records --------------------------------------------------------
@@ -419,7 +419,7 @@ def test_unusable_model_device_or_output_is_a_clear_error_before_any_work(media,
     out = tmp_path / "c.jsonl"
     assert caption.main([video, "-o", str(out), "--model", "tiny-random:llava"]) == 2
     assert "reads images only" in capsys.readouterr().err
-    assert not out.exists() or out.read_text() == ""
+    assert not out.exists()                                    # no empty output left behind
     assert caption.main([video, "-o", str(out), "--model", "tiny-random:bert"]) == 2
     assert "unknown tiny family" in capsys.readouterr().err
     import torch

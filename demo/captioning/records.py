@@ -46,6 +46,7 @@ class Store:
         self._lock = None
         self._fd: int | None = None
         self.write_path: Path | None = None
+        self._created = False
 
     # -- checks and the lock ---------------------------------------------------------------------
     def check(self) -> None:
@@ -159,6 +160,7 @@ class Store:
             self.write_path = self.path / f"part-{stamp}-{os.getpid()}-{os.urandom(3).hex()}.jsonl"
         else:
             self.write_path = self.path
+        self._created = not self.write_path.exists()
         self._fd = os.open(self.write_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def write(self, record: dict) -> None:
@@ -178,8 +180,8 @@ class Store:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            if self.is_dir and self.write_path is not None and self.write_path.stat().st_size == 0:
-                self.write_path.unlink()               # a run that wrote nothing leaves no empty shard
+            if self._created and self.write_path.stat().st_size == 0:
+                self.write_path.unlink()               # a run that wrote nothing leaves no empty file
         if self._lock is not None:
             self._lock.release()
             self._lock = None
