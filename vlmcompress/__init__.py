@@ -51,10 +51,18 @@ _LAZY = {
                      "ItemReport"], "vlmcompress.adapters"),
 }
 
-__all__ = ["PRESETS", "CompressionConfig", "TokenState", "grid_positions", *_LAZY]
+# Subpackages reachable as attributes (``vc.models.load(...)``), imported on first use.
+_SUBMODULES = ("models", "synthetic", "evaluation")
+_LAZY["evaluate"] = "vlmcompress.evaluation"
+
+__all__ = ["PRESETS", "CompressionConfig", "TokenState", "grid_positions", *_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"vlmcompress.{name}")
+        globals()[name] = module
+        return module
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

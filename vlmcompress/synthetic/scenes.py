@@ -2,7 +2,7 @@
 
 Everything is numpy on float ``[T, H, W, 3]`` canvases in 0..255, quantised to uint8 at the end. Sizes
 scale with the frame side ``S`` (defaults are for S = 64): a moving object is ``S/4`` across
-(≤ 6.25 % of the frame), a digit ``S·10/64 × S·14/64``, a needle marker ``S/2`` across.
+(≤ 6.25 % of the frame), a digit ``S·15/64 × S·21/64``, a needle marker ``S/2`` across.
 """
 from __future__ import annotations
 

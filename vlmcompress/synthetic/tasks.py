@@ -129,23 +129,25 @@ def _object_scene(rng, t_count: int, side: int):
     direction = str(rng.choice(DIRECTIONS))
     digit = str(rng.integers(0, 10))
     far = side - obj - margin
-    lane = int(rng.integers(margin, far + 1))
-    travel = np.linspace(margin, far, t_count) if direction in ("right", "down") else np.linspace(far, margin, t_count)
-    path = [(lane, int(round(v))) if direction in ("left", "right") else (int(round(v)), lane) for v in travel]
-    # The digit sits off the object's lane so the two never overlap.
-    scale = max(1, side // 32)
+    scale = max(1, side * 3 // 64)  # 15×21 px at 64: 7.7 % of the frame, strokes of 3 px
     dmask = digit_mask(digit, scale)
     dh, dw = dmask.shape
-    for _ in range(100):
-        top, left = int(rng.integers(margin, side - dh - margin + 1)), int(rng.integers(margin, side - dw - margin + 1))
-        if direction in ("left", "right"):
-            clear = top + dh <= lane - 2 or top >= lane + obj + 2
-        else:
-            clear = left + dw <= lane - 2 or left >= lane + obj + 2
-        if clear:
-            break
-    else:  # pragma: no cover - the lane leaves room at every supported size
-        raise AssertionError("no room for the digit")
+    horizontal = direction in ("left", "right")
+    across = dh if horizontal else dw  # the digit's extent across the object's lane
+    # The digit sits beside the object's lane (2 px apart), so the two never overlap: pick a lane that
+    # leaves room on at least one side, then a side with room, then a place on that side.
+    lanes = [l for l in range(margin, far + 1)
+             if l - 2 - margin >= across or side - margin - (l + obj + 2) >= across]
+    lane = int(rng.choice(lanes))
+    sides = [(margin, lane - 2 - across)] if lane - 2 - margin >= across else []
+    if side - margin - (lane + obj + 2) >= across:
+        sides.append((lane + obj + 2, side - margin - across))
+    lo, hi = sides[int(rng.integers(0, len(sides)))]
+    along = int(rng.integers(margin, side - margin - (dw if horizontal else dh) + 1))
+    cross = int(rng.integers(lo, hi + 1))
+    top, left = (cross, along) if horizontal else (along, cross)
+    travel = np.linspace(margin, far, t_count) if direction in ("right", "down") else np.linspace(far, margin, t_count)
+    path = [(lane, int(round(v))) if horizontal else (int(round(v)), lane) for v in travel]
     bg = background(rng, side)
     video = np.repeat(bg[None], t_count, axis=0)
     mask = shape_mask(shape, obj)
