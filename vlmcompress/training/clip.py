@@ -153,8 +153,8 @@ def train_clip(out: str | Path, *, steps: int = 1200, batch: int = 64, lr: float
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        entry = {"step": step + 1, "loss": round(float(loss), 4), "contrastive": round(float(contrastive), 4),
-                 "grounding": round(float(grounding), 4), "elapsed_s": round(time.time() - t0, 1)}
+        entry = {"step": step + 1, "loss": round(loss.item(), 4), "contrastive": round(contrastive.item(), 4),
+                 "grounding": round(grounding.item(), 4), "elapsed_s": round(time.time() - t0, 1)}
         log.append(entry)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             print(json.dumps(entry), flush=True)

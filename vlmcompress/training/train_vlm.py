@@ -224,7 +224,7 @@ def train(args) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        entry = {"step": step + 1, "loss": round(float(loss), 4), "group": group, "frames": frames,
+        entry = {"step": step + 1, "loss": round(loss.item(), 4), "group": group, "frames": frames,
                  "lr": round(sched.get_last_lr()[0], 7), "elapsed_s": round(time.time() - t0, 1)}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             entry["acc"] = answer_accuracy(model, processor, per_task=args.eval_per_task, frames=16)

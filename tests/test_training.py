@@ -1,0 +1,87 @@
+"""The training scripts run end to end on a very small setting, so they cannot rot."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlmcompress.synthetic import ANSWERS
+from vlmcompress.training import train_vlm
+from vlmcompress.training.build import FAMILIES, seeing_tokenizer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_answer_is_one_token(family):
+    tok = seeing_tokenizer(family)
+    for answers in ANSWERS.values():
+        for word in answers:
+            assert len(tok.encode(word, add_special_tokens=False)) == 1, word
+
+
+def test_labels_cover_only_the_assistant_turns():
+    header, end = [7, 8], 9
+    ids = torch.tensor([[1, 7, 8, 5, 9, 2, 7, 8, 6, 6, 9, 0]])
+    labels = train_vlm._labels(ids, header, end)
+    assert labels.tolist() == [[-100, -100, -100, 5, 9, -100, -100, -100, 6, 6, 9, -100]]
+
+
+def test_v2pe_positions_follow_the_package_rule():
+    from vlmcompress.positions import v2pe_position_ids
+
+    ids = torch.tensor([[1, 2, 5, 5, 5, 5, 3, 4], [1, 5, 5, 5, 5, 3, 4, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 7 + [0]])
+    pos = train_vlm.v2pe_positions(ids, mask, 5, [0.25, 1.0])
+    assert pos[0].tolist() == [0, 1, 1.25, 1.5, 1.75, 2.0, 3, 4]
+    assert pos[1, :7].tolist() == list(range(7))
+    assert torch.equal(pos[1:], v2pe_position_ids(ids[1:] == 5, 1.0, attention_mask=mask[1:], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_resume_and_export(family, tmp_path):
+    run = tmp_path / "run"
+    common = ["--family", family, "--out", str(run), "--batch", "2", "--eval-every", "100", "--eval-per-task", "1",
+              "--ckpt-every", "2", "--max-frames", "8"]
+    if family == "llava_onevision":
+        common.append("--v2pe-mix")
+    assert train_vlm.main(common + ["--steps", "2"]) == 0
+    log = json.loads((run / "checkpoint" / "train_log.json").read_text())
+    assert [e["step"] for e in log] == [1, 2] and all(np.isfinite(e["loss"]) for e in log)
+    assert train_vlm.main(common + ["--steps", "3", "--resume"]) == 0  # continues at step 3, evaluates at the end
+    log = json.loads((run / "checkpoint" / "train_log.json").read_text())
+    assert [e["step"] for e in log] == [1, 2, 3] and set(log[-1]["acc"]) == set(ANSWERS)
+    dest = train_vlm.export(run, "synth-test", "the command", root=tmp_path / "models")
+    info = json.loads((dest / "training.json").read_text())
+    assert info["steps"] == 3 and info["command"] == "the command"
+    assert not (dest / "train_state.pt").exists()
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(dest, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(dest, local_files_only=True)
+    acc = train_vlm.answer_accuracy(model, processor, per_task=1, frames=4, tasks=("colour",))
+    assert set(acc) == {"colour"} and 0.0 <= acc["colour"] <= 1.0
+
+
+def test_clip_training_and_scorer(tmp_path):
+    from vlmcompress.synthetic import make_scene
+    from vlmcompress.training import clip
+
+    ckpt = clip.train_clip(tmp_path / "clip", steps=2, batch=4, log_every=1)
+    log = json.loads((ckpt / "train_log.json").read_text())
+    assert len(log) == 2 and all(np.isfinite(e["grounding"]) for e in log)
+    dest = clip.export(tmp_path / "clip", "cmd", root=tmp_path / "models")
+    scorer = clip.load_scorer(dest)
+    scene = make_scene("object", 0, frames=4)
+    rel = scorer.score("What digit is shown?", scene.frames, target_grid=(4, 4, 4))
+    assert rel.shape == (1, 64) and torch.isfinite(rel).all()
+
+
+def test_cli_errors(capsys):
+    with pytest.raises(SystemExit):
+        train_vlm.main(["--steps", "1"])
+    assert "--family and --out are required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_vlm.main(["--export", "somewhere"])
+    assert "--export needs --name" in capsys.readouterr().err
