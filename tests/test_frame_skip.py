@@ -181,3 +181,14 @@ def test_report_lists_skipped_frames():
         unpatch(model)
     assert report.items[0].skipped_frames == [1, 2]
     assert "frames [1, 2] skipped before the tower" in report.summary()
+
+
+def test_step_falls_back_to_tokens_when_frames_cannot_be_recovered():
+    def no_frames():
+        raise ValueError("needs the processor")
+
+    grid = (3, 1, 2)
+    frame = torch.randn(1, 2, 4)
+    state = TokenState.from_features(torch.cat([frame, frame, torch.randn(1, 2, 4)], 1), grid, track_source=True)
+    out, new_grid = apply_steps(state, grid, [FrameSkip(threshold=0.0)], StepContext(frames=no_frames))
+    assert new_grid == (2, 1, 2) and out.size[0].tolist() == [2.0, 2.0, 1.0, 1.0]

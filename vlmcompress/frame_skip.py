@@ -282,7 +282,12 @@ class FrameSkip:
         if grid is None or int(grid[0]) <= 1 or round(float(state.size.sum())) != n:
             return Plan.identity(state.batch, n, state.x.device), grid
         t, h, w = (int(g) for g in grid)
-        frames = ctx.frames() if getattr(ctx, "frames", None) is not None else None
+        frames = None
+        if getattr(ctx, "frames", None) is not None:
+            try:
+                frames = ctx.frames()
+            except (ValueError, TypeError):   # frames not recoverable (no processor given): use the tokens
+                frames = None
         if isinstance(frames, torch.Tensor) and frames.ndim == 4 and frames.shape[0] % t == 0:
             selection = self.select(frame_proxy(frames, cell=self.cell), group=frames.shape[0] // t)
         else:
