@@ -25,11 +25,14 @@ model is bit-identical to running without the flag.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 
 from vlmcompress.attention import size_log_bias
+
+from .hooks import Attachments
 
 __all__ = ["LlmProportionalAttention", "SUPPORTED_ATTENTION", "attention_modules", "check_llm_attention",
            "install_llm_attention"]
@@ -70,26 +73,32 @@ class LlmProportionalAttention:
         self.language_model = language_model
         self.modules = check_llm_attention(language_model)
         self._armed: torch.Tensor | None = None   # [B, L'] sizes for the next LLM call (set by the patch handle)
+        self._sticky = False                      # armed for every new sequence until disarm()
         self._bias: torch.Tensor | None = None    # [B, L'] fp32 log sizes of the current sequence, None = no bias
         self._memo: dict = {}                     # per forward: padded bias per (batch, kv, offset, dtype, device)
-        self._handles = [language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True)]
+        # Bound methods and partials, never closures: copy.deepcopy of the model rebinds them to the copy.
+        self._handles = Attachments()
+        self._handles.hook(language_model, self._on_language_model, pre=True, with_kwargs=True)
         for module in self.modules:
             index = _positional_index(module, "attention_mask")
-            self._handles.append(module.register_forward_pre_hook(
-                lambda mod, args, kwargs, _i=index: self._on_attention(mod, args, kwargs, _i), with_kwargs=True))
+            self._handles.hook(module, functools.partial(self._on_attention_at, index), pre=True, with_kwargs=True)
 
     # --- state ---------------------------------------------------------------------------------
-    def arm(self, size: torch.Tensor | None) -> None:
+    def arm(self, size: torch.Tensor | None, *, sticky: bool = False) -> None:
         """Sizes ``[B, L']`` (original tokens per packed prompt token; 1 for text and padding) for the next
-        sequence the LLM starts; ``None`` for none."""
+        sequence the LLM starts; ``None`` for none. ``sticky``: for every sequence the LLM starts until
+        :meth:`disarm` (a ``generate(use_cache=False)`` re-reads prompt + new tokens from scratch at each
+        step; issue 9, defect 3: the bias was dropped after the first step)."""
         if size is not None:
             if not isinstance(size, torch.Tensor) or size.ndim != 2:
                 raise ValueError(f"size must be a [B, L] tensor, got {getattr(size, 'shape', type(size).__name__)}")
             size = size.detach()
         self._armed = size
+        self._sticky = sticky and size is not None
 
     def disarm(self) -> None:
         self._armed = None
+        self._sticky = False
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -97,9 +106,7 @@ class LlmProportionalAttention:
         return self._bias
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._handles.remove()
         self._armed = self._bias = None
         self._memo = {}
 
@@ -110,9 +117,13 @@ class LlmProportionalAttention:
     # --- hooks ---------------------------------------------------------------------------------
     def _on_language_model(self, module, args, kwargs):
         self._memo = {}
-        size, self._armed = self._armed, None
+        cache = _cache(kwargs)
+        if self._sticky and cache is not None and _seen(cache) > 0:
+            return None                       # continues a sequence: keep its bias (and stay armed)
+        size = self._armed
+        if not self._sticky:
+            self._armed = None
         if size is None:
-            cache = _cache(kwargs)
             if cache is not None and _seen(cache) > 0:
                 return None                   # continues a sequence: keep its bias
             self._bias = None                 # a new sequence that vlmcompress did not prepare: no bias
@@ -122,7 +133,8 @@ class LlmProportionalAttention:
         if x is None:
             x = kwargs.get("input_ids", args[0] if args else None)
         batch, length = (x.shape[0], x.shape[1]) if x is not None else size.shape
-        if batch % size.shape[0] or length > size.shape[1]:
+        # Sticky (no cache): the prompt followed by the tokens generated so far, which get no bias.
+        if batch % size.shape[0] or (length > size.shape[1] and not self._sticky):
             raise RuntimeError(f"llm_proportional_attention: the LLM starts a sequence of shape [{batch}, {length}] "
                                f"but the prepared prompt has shape {list(size.shape)}; this is a bug in vlmcompress")
         bias = size_log_bias(size.float(), torch.float32)[:, 0, 0]          # [B0, L']
@@ -131,6 +143,9 @@ class LlmProportionalAttention:
         # generate() repeats each prompt row for num_return_sequences / beams (repeat_interleave).
         self._bias = bias.repeat_interleave(batch // size.shape[0], dim=0)
         return None
+
+    def _on_attention_at(self, index, module, args, kwargs):
+        return self._on_attention(module, args, kwargs, index)
 
     def _on_attention(self, module, args, kwargs, index):
         if self._bias is None:

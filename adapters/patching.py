@@ -1,9 +1,12 @@
 """Patch a loaded model in place so that its ordinary ``generate()`` reads fewer visual tokens.
 
-Patching binds two instance attributes (``forward`` and ``generate``) over the class methods and
-records a handle in ``model.vlmcompress``; ``unpatch`` deletes exactly those (putting back any instance
-``forward``/``generate`` that was there before, e.g. accelerate's device hooks), so what ran before runs
-again. Nothing is changed at import time and nothing global is touched.
+Patching binds two instance attributes (``forward`` and ``generate``, :class:`_PatchedMethod` objects)
+over the class methods and records a handle in ``model.vlmcompress``; ``unpatch`` deletes exactly those
+(putting back any instance ``forward``/``generate`` that was there before, e.g. accelerate's device
+hooks), so what ran before runs again. Nothing is changed at import time and nothing global is touched.
+Everything attached (here, by stage A, by the LLM's proportional attention) is recorded in an
+:class:`adapters.hooks.Attachments` and removed by it; nothing is a closure over the model, so
+``copy.deepcopy`` of a patched model gives a patched copy that runs its own weights.
 
 Not thread-safe: the handle keeps per-call state (``report``, the sizes armed for proportional attention,
 stage-A merge records, Qwen's ``rope_deltas`` on the model itself), so one patched model must not run two
@@ -12,7 +15,6 @@ or from separate model instances.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ import torch
 from vlmcompress.config import CompressionConfig
 
 from .compat import check_transformers_version
+from .hooks import Attachments
 from .llm_attention import check_llm_attention, install_llm_attention
 from .pipeline import CompressionReport, check_ids_and_mask, prepare_inputs
 from .registry import adapter_for
@@ -40,7 +43,9 @@ class PatchHandle:
         self.report: CompressionReport | None = None
         self.reports: list[CompressionReport] = []
         self.llm_attention = None   # llm_attention.LlmProportionalAttention while the config asks for it
-        self.previous: dict = {}    # instance forward/generate found at patch time; unpatch puts them back
+        self.previous: dict = {}    # instance forward/generate found at patch time (what the patch wraps)
+        self.attachments = Attachments()   # model.forward/generate/vlmcompress; unpatch removes them
+        self.position_delta: torch.Tensor | None = None   # [B, 1] 1-D families: decoding offset (defect 4)
 
     @property
     def config(self) -> CompressionConfig:
@@ -72,12 +77,12 @@ class PatchHandle:
         if self.llm_attention is not None:
             self.llm_attention.disarm()
 
-    def _prepare(self, kwargs: dict) -> dict:
+    def _prepare(self, kwargs: dict, *, generating: bool = False) -> dict:
         # Our own keywords never reach the model, with or without pixel inputs.
         question = kwargs.pop("question", None)
         relevance_frames = kwargs.pop("relevance_frames", None)
         if not self.adapter.modalities(kwargs):
-            return kwargs
+            return self._continue(kwargs)
         if question is None and self._config.uses_relevance and self.processor is not None:
             check_ids_and_mask(kwargs.get("input_ids"), kwargs.get("attention_mask"))
             question = _read_question(self.processor, self.adapter, kwargs)
@@ -86,9 +91,37 @@ class PatchHandle:
         self.report = report
         self.reports.append(report)
         if self.llm_attention is not None:
-            self.llm_attention.arm(report.token_size)
+            self.llm_attention.arm(report.token_size, sticky=generating)
         del self.reports[:-16]
-        return new_kwargs
+        self.position_delta = _position_delta(new_kwargs)
+        return _mask_for_gaps(new_kwargs)
+
+    def _continue(self, kwargs: dict) -> dict:
+        """A call without pixel inputs: a step of generate(), a manual decoding step, or plain text.
+
+        1-D families (issue 9, defect 4): a manual decoding step with the cache and no ``position_ids``
+        would continue at the *compressed* length; it continues after the last prompt position instead, as
+        Qwen's ``rope_deltas`` does for M-RoPE. A new sequence (no cache) forgets the prompt's offset."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen = _seen_tokens(cache)
+        if not seen:
+            if kwargs.get("input_ids") is not None or kwargs.get("inputs_embeds") is not None:
+                if kwargs.get("mm_encoder_outputs") is None:
+                    self.position_delta = None
+            return _mask_for_gaps(kwargs)
+        delta = self.position_delta
+        if delta is not None and kwargs.get("position_ids") is None:
+            x = kwargs.get("input_ids")
+            x = kwargs.get("inputs_embeds") if x is None else x
+            if x is not None and x.shape[0] == delta.shape[0]:
+                q = x.shape[1]
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+                    base = (mask.long().cumsum(-1) - 1)[:, -q:]
+                else:
+                    base = torch.arange(seen, seen + q, device=x.device).expand(x.shape[0], q)
+                kwargs = {**kwargs, "position_ids": (base.to(delta) + delta.to(x.device)).to(torch.float32)}
+        return kwargs
 
 
 def patch(model, config: CompressionConfig | None = None, *, processor=None):
@@ -114,26 +147,57 @@ def patch(model, config: CompressionConfig | None = None, *, processor=None):
     except Exception:
         adapter.uninstall()
         raise
-    original_forward, original_generate = model.forward, model.generate
+    handle.attachments.set_attr(model, "forward", _PatchedMethod(model, "forward"))
+    handle.attachments.set_attr(model, "generate", _PatchedMethod(model, "generate"))
+    handle.attachments.set_attr(model, _ATTR, handle)
+    return model
 
-    @functools.wraps(original_forward)
-    def forward(*args, **kwargs):
-        kwargs = _keywords(original_forward, args, kwargs)
-        try:
-            return original_forward(**handle._prepare(kwargs))
-        finally:
-            handle._disarm()
 
-    @functools.wraps(original_generate)
-    def generate(*args, **kwargs):
-        kwargs = _keywords(original_generate, args, kwargs)
+class _PatchedMethod:
+    """``model.forward`` / ``model.generate`` of a patched model.
+
+    An object holding the model, not a closure over its bound methods: ``copy.deepcopy(model)`` copies
+    it with the model's other attributes and its ``model`` becomes the copy (issue 9, defect 5: the copy
+    ran the original's weights). Each call looks up the handle and what ran before the patch (the class
+    method, or an instance attribute such as accelerate's device-map forward) on that model.
+    """
+
+    def __init__(self, model, name: str) -> None:
+        self.model = model
+        self.__name__ = name
+
+    @property
+    def inner(self):
+        """What ``model.<name>`` was before patching, bound to the model."""
+        handle = self.model.__dict__[_ATTR]
+        previous = handle.previous.get(self.__name__)
+        if previous is not None:
+            return previous
+        return getattr(type(self.model), self.__name__).__get__(self.model, type(self.model))
+
+    @property
+    def __signature__(self):     # transformers validates generate()'s keywords against forward's signature
+        return inspect.signature(self.inner)
+
+    def __call__(self, *args, **kwargs):
+        handle, inner = self.model.__dict__[_ATTR], self.inner
+        kwargs = _keywords(inner, args, kwargs)
+        if self.__name__ == "forward":
+            # Only a call that arms (one with pixel inputs) disarms: the forward calls inside a generate()
+            # must not drop the sizes that generate() armed for all its steps (use_cache=False).
+            arms = bool(handle.adapter.modalities(kwargs))
+            try:
+                return inner(**handle._prepare(kwargs))
+            finally:
+                if arms:
+                    handle._disarm()
         if isinstance(kwargs.get("inputs"), torch.Tensor) and kwargs.get("input_ids") is None \
                 and not kwargs["inputs"].is_floating_point():
             # generate(ids) / generate(inputs=ids): for a decoder-only VLM `inputs` are the input_ids.
             kwargs["input_ids"] = kwargs.pop("inputs")
         try:
-            prepared = handle._prepare(kwargs)
-            out = original_generate(**prepared)
+            prepared = handle._prepare(kwargs, generating=True)
+            out = inner(**prepared)
         finally:
             handle._disarm()
         if prepared is kwargs:
@@ -141,11 +205,6 @@ def patch(model, config: CompressionConfig | None = None, *, processor=None):
         # The model generated after the *shrunk* prompt; give back the caller's prompt followed by the new
         # tokens, so the usual `out[:, inputs["input_ids"].shape[1]:]` still cuts off exactly the answer.
         return _restore_prompt(out, kwargs["input_ids"], prepared["input_ids"].shape[1])
-
-    object.__setattr__(model, "forward", forward)
-    object.__setattr__(model, "generate", generate)
-    object.__setattr__(model, _ATTR, handle)
-    return model
 
 
 def unpatch(model):
@@ -155,10 +214,7 @@ def unpatch(model):
         raise ValueError(f"{type(model).__name__} is not patched by vlmcompress")
     handle.adapter.uninstall()
     handle._attach_llm_attention(None)
-    for name in ("forward", "generate", _ATTR):
-        model.__dict__.pop(name, None)
-    for name, value in handle.previous.items():
-        object.__setattr__(model, name, value)
+    handle.attachments.remove()      # forward, generate, the handle: what was there before is back
     return model
 
 
@@ -216,6 +272,36 @@ def _restore_prompt(out, prompt: torch.Tensor, packed_length: int):
         return restored
     out.sequences = restored
     return out
+
+
+def _position_delta(kwargs: dict) -> torch.Tensor | None:
+    """``[B, 1]`` float64 ``last prompt position + 1 - real prompt tokens`` for 1-D ``position_ids [B, L']``
+    (what a decoding step must add to its cache length); ``None`` for M-RoPE or unchanged positions."""
+    pos, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 2 or not isinstance(mask, torch.Tensor):
+        return None
+    real = mask.bool()
+    top = pos.to(torch.float64).masked_fill(~real, float("-inf")).amax(1, keepdim=True)
+    return top + 1 - real.sum(1, keepdim=True).to(torch.float64)
+
+
+def _mask_for_gaps(kwargs: dict) -> dict:
+    """An explicit all-ones ``attention_mask`` when there is none, no cache, and 1-D ``position_ids`` have
+    gaps (compressed visual tokens at their centroids): without a mask and a cache, transformers reads such
+    gaps as boundaries of packed sequences and stops the text after an image from seeing the prompt before
+    it (issue 9, defect 3: ``generate(use_cache=False)``, where ``generate()`` drops an all-ones mask)."""
+    pos = kwargs.get("position_ids")
+    if kwargs.get("attention_mask") is not None or not isinstance(pos, torch.Tensor) or pos.ndim != 2 \
+            or pos.shape[1] < 2 or _seen_tokens(kwargs.get("cache", kwargs.get("past_key_values"))):
+        return kwargs
+    if not bool((pos.diff(dim=-1) != 1).any()):
+        return kwargs
+    return {**kwargs, "attention_mask": torch.ones(pos.shape, dtype=torch.long, device=pos.device)}
+
+
+def _seen_tokens(cache) -> int:
+    get = getattr(cache, "get_seq_length", None)
+    return int(get()) if callable(get) else 0
 
 
 def _check_config(config) -> None:

@@ -7,10 +7,14 @@
 4. place every compressed token at the centroid of its sources' original positions, with V2PE's δ,
 5. hand the features to the model as ``mm_encoder_outputs``: its own code scatters them and its
    own ``generate()`` loop does the rest (cache, sampling, stopping).
+
+One job per file: this one walks the inputs (steps 1 and 5); :mod:`.stage_b` compresses an item and
+finds its anchors (2, 3), :mod:`.packing` places and packs the tokens (3, 4), :mod:`.report` holds
+what a call did. The names of those modules used elsewhere are re-exported here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,54 +22,11 @@ from vlmcompress.config import CompressionConfig
 from vlmcompress.state import TokenState
 
 from .base import FamilyAdapter
+from .packing import _new_positions, _pack, _pad_value, _position_map, _to_new_layout
+from .report import CompressionReport, ItemReport
+from .stage_b import _anchors, _compress_keeping_tail, _order_by_first_source, _source_or_none, compress_item
 
-
-@dataclass
-class ItemReport:
-    """Token counts of one image or video through the stages."""
-
-    modality: str
-    row: int
-    placeholders: int      # tokens the processor reserved (what the LLM would read unpatched)
-    after_vision: int      # tokens leaving the vision tower + projector (stage A)
-    after_compress: int    # tokens reaching the LLM (stage B)
-    grid: tuple | None = None           # (T, H, W) LLM-token grid of the item, when it has one
-    source: torch.Tensor | None = None  # [placeholders] int64: which LLM token holds each original token (-1: dropped)
-    size: torch.Tensor | None = None    # [after_compress] how many original tokens each one stands for
-    skipped_frames: list[int] | None = None  # temporal units never encoded (FrameSkip before the tower)
-
-    @property
-    def kept_ratio(self) -> float:
-        return self.after_compress / self.placeholders
-
-
-@dataclass
-class CompressionReport:
-    """What the last patched call did; ``model.vlmcompress.report`` after a call."""
-
-    items: list[ItemReport] = field(default_factory=list)
-    prefill_before: list[int] = field(default_factory=list)   # per row, real (unpadded) tokens
-    prefill_after: list[int] = field(default_factory=list)
-    # [B, L'] float32, per token of the packed prompt: how many original tokens it stands for (1 for text
-    # and padding). What proportional attention in the LLM adds log() of (adapters/llm_attention.py).
-    token_size: torch.Tensor | None = None
-
-    @property
-    def visual_before(self) -> int:
-        return sum(i.placeholders for i in self.items)
-
-    @property
-    def visual_after(self) -> int:
-        return sum(i.after_compress for i in self.items)
-
-    def summary(self) -> str:
-        lines = [f"visual tokens {self.visual_before} -> {self.visual_after}; prefill per row "
-                 f"{self.prefill_before} -> {self.prefill_after}"]
-        for it in self.items:
-            skipped = f", frames {it.skipped_frames} skipped before the tower" if it.skipped_frames else ""
-            lines.append(f"  {it.modality} (row {it.row}): {it.placeholders} -> {it.after_vision} (vision) "
-                         f"-> {it.after_compress} (LLM){skipped}")
-        return "\n".join(lines)
+__all__ = ["prepare_inputs", "compress_item", "check_ids_and_mask", "CompressionReport", "ItemReport"]
 
 
 @dataclass
@@ -207,74 +168,6 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
     return kwargs, report
 
 
-def compress_item(state: TokenState, grid, config: CompressionConfig, *, question: str | None = None,
-                  metric_channels: int | None = None, frames=None) -> TokenState:
-    """Stage B for one item (``state`` holds a batch of one): ``config.stage_b_steps()`` applied in order
-    (:func:`vlmcompress.steps.apply_steps`). With ``metric_channels``, similarity and relevance look only
-    at the first ``metric_channels`` feature channels; the rest (``EncodedItems.extras``) ride along with
-    the same weights. ``frames`` (the item's frames, or a zero-argument callable returning them) go to a
-    relevance scorer that scores pixels (``score``)."""
-    from vlmcompress.steps import StepContext, apply_steps
-
-    steps = config.stage_b_steps()
-    if not steps:
-        return state
-    ctx = StepContext(question=question, frames=_scorer_frames(frames), metric_channels=metric_channels)
-    state, _ = apply_steps(state, grid, steps, ctx)
-    return state
-
-
-def _scorer_frames(frames):
-    """A zero-argument callable giving the frames in the ``[T, H, W, 3]`` layout scorers take (or None)."""
-    def get():
-        pixels = frames() if callable(frames) else frames
-        if pixels is None:
-            return None
-        from .frames import as_scorer_frames
-
-        return as_scorer_frames(pixels, what="relevance frames")
-    return get
-
-
-def _compress_keeping_tail(state: TokenState, tail: int, grid, config: CompressionConfig, question,
-                           metric_channels: int | None = None, frames=None) -> TokenState:
-    """``compress_item`` on all but the last ``tail`` tokens, which are appended unchanged."""
-    if not tail:
-        return compress_item(state, grid, config, question=question, metric_channels=metric_channels,
-                             frames=frames)
-    n = state.num_tokens
-    if not 0 < tail < n:
-        raise ValueError(f"keep_tail must be in [0, {n}) for an item of {n} tokens, got {tail}")
-    head = TokenState(state.x[:, :n - tail], state.size[:, :n - tail], state.pos[:, :n - tail],
-                      torch.arange(n - tail, device=state.x.device).unsqueeze(0))
-    head = compress_item(head, grid, config, question=question, metric_channels=metric_channels, frames=frames)
-    m = head.num_tokens
-    # Fresh states from _initial_state have source = arange(n); compose with the head's map.
-    source = torch.cat([head.source, torch.arange(m, m + tail, device=state.x.device).unsqueeze(0)], 1)
-    source = source.gather(1, state.source)
-    return TokenState(torch.cat([head.x, state.x[:, n - tail:]], 1), torch.cat([head.size, state.size[:, n - tail:]], 1),
-                      torch.cat([head.pos, state.pos[:, n - tail:]], 1), source)
-
-
-def _order_by_first_source(state: TokenState) -> TokenState:
-    """Reorder tokens by the first original token each holds.
-
-    Pooling and temporal merging already give that order; bipartite merging keeps its survivors in
-    order, but a survivor may hold an earlier token that merged into it, so the first sources can be
-    out of order. Sorting (a permutation of whole tokens) keeps every token's features, size and
-    centroid and makes the anchor slots increase.
-    """
-    m = state.num_tokens
-    order = _first_sources(state).argsort(stable=True)
-    if bool((order == torch.arange(m, device=order.device)).all()):
-        return state
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(m, device=order.device)
-    # -1 marks a dropped patch (RandomDrop): it stays -1.
-    source = torch.where(state.source >= 0, rank[state.source.clamp(min=0)], state.source)
-    return TokenState(state.x[:, order], state.size[:, order], state.pos[:, order], source)
-
-
 def _append_extras(state: TokenState, enc, i: int, modality: str) -> tuple[TokenState, tuple[int, ...]]:
     """Append item ``i``'s ``EncodedItems.extras`` to ``state.x`` as further channels, so every operator
     compresses them with the weights of the features (operators are linear in ``x``)."""
@@ -340,87 +233,3 @@ def _initial_state(adapter, enc, i, orig) -> TokenState:
     pad = torch.zeros(absolute.shape[0], 3 - absolute.shape[1], dtype=torch.float64, device=absolute.device)
     pos = torch.cat([absolute, pad], 1) if absolute.shape[1] < 3 else absolute
     return TokenState(feats, tower.size.to(torch.float32), pos.unsqueeze(0).to(feats.device), tower.source)
-
-
-def _first_sources(state: TokenState) -> torch.Tensor:
-    """``[M]`` the first original token each output token holds (``N0`` for a token holding none)."""
-    src = state.source[0]
-    slots = torch.arange(src.numel(), device=src.device)
-    kept = src >= 0                       # -1: a patch a step dropped (RandomDrop); it anchors nothing
-    first = torch.full((state.num_tokens,), src.numel(), dtype=torch.long, device=src.device)
-    return first.scatter_reduce(0, src[kept], slots[kept], reduce="amin")
-
-
-def _anchors(state: TokenState) -> torch.Tensor:
-    """Slot of each output token: the first original token it holds (increasing after _order_by_first_source)."""
-    anchors = _first_sources(state)
-    if (anchors >= state.source.shape[1]).any() or (anchors[1:] <= anchors[:-1]).any():
-        raise RuntimeError("compressed tokens do not map to increasing placeholder slots; this is a bug in vlmcompress")
-    return anchors
-
-
-def _position_map(positions: torch.Tensor, real: torch.Tensor, visual: torch.Tensor,
-                  delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where every token of the uncompressed sequence goes in the new layout: V2PE per placeholder run
-    (:func:`vlmcompress.positions.scale_visual_blocks` on the model's own positions).
-
-    Inside a run the map is affine, ``δ·c + a`` (``a`` the run's offset), and it does not depend on how
-    many tokens compression keeps, so a compressed token is placed at the centroid of its sources'
-    *mapped* positions: ``δ·centroid + mean offset``. For an item inside one run that is the run's
-    affine map of the centroid; for an item spread over several runs (a Qwen3-VL video, one run per frame
-    group) each source keeps its own run's offset. With δ = 1 and nothing merged this is the identity.
-
-    Returns ``(mapped [D, B, L], offset [B, L])`` (offset 0 outside placeholder runs).
-    """
-    from vlmcompress.positions import scale_visual_blocks
-
-    mapped, _ = scale_visual_blocks(positions, visual, delta, attention_mask=real)
-    offset = torch.where(visual, mapped[0] - delta * positions[0].to(mapped), torch.zeros_like(mapped[0]))
-    return mapped, offset
-
-
-def _to_new_layout(state: TokenState, offset: torch.Tensor, dims: int, delta: float) -> TokenState:
-    """Move a fresh item state from original to new-layout positions: ``δ·pos + offset`` per token, the
-    offset averaged over each token's sources when a merging tower already combined placeholders."""
-    n0 = offset.numel()
-    off = offset.to(state.pos)
-    if state.num_tokens != n0:
-        if state.source is not None and state.source.shape[1] == n0:
-            src = state.source[0].to(off.device)
-            total = torch.zeros(state.num_tokens, dtype=off.dtype, device=off.device).index_add_(0, src, off)
-            count = torch.zeros_like(total).index_add_(0, src, torch.ones_like(off))
-            off = total / count.clamp(min=1)
-        else:
-            off = off[:1].expand(state.num_tokens)
-    pos = state.pos.clone()
-    pos[0, :, :dims] = delta * pos[0, :, :dims] + off.unsqueeze(-1)
-    return state.replace(pos=pos)
-
-
-def _new_positions(mapped: torch.Tensor, items: list[_Item]) -> torch.Tensor:
-    """New absolute positions ``[D, B, L]`` (valid where ``keep``): the mapped text positions, and at
-    each kept placeholder slot the position of the compressed token anchored there (already mapped)."""
-    dims = mapped.shape[0]
-    new = mapped.clone()
-    for item in items:
-        slots = item.slots[item.anchors].to(new.device)
-        new[:, item.row, slots] = item.state.pos[0, :, :dims].T.to(new)
-    return new
-
-
-def _pack(values: torch.Tensor, keep: torch.Tensor, length: int, pad, left: bool) -> torch.Tensor:
-    rows = []
-    for b in range(values.shape[0]):
-        kept = values[b][keep[b]]
-        fill = values.new_full((length - kept.shape[0],), pad)
-        rows.append(torch.cat([fill, kept]) if left else torch.cat([kept, fill]))
-    return torch.stack(rows)
-
-
-def _pad_value(ids, mask, adapter) -> int:
-    pads = ids[mask == 0]
-    return int(pads[0]) if pads.numel() else adapter.pad_token_id()
-
-
-def _source_or_none(state: TokenState):
-    return None if state.source is None else state.source[0].detach()

@@ -23,20 +23,25 @@ Only the layers up to the selected hidden state merge (``feature_layer``, LLaVA'
 selected hidden state and every later one have the same length, and :attr:`VisionMerge.states`
 describes exactly the tokens the VLM reads. The token count is known before running:
 :func:`tower_tokens_after`.
+
+One job per file: this one is the handle (install, per-forward state, remove); the closed-form
+schedule is in :mod:`.vision_schedule` and the layer forwards in :mod:`.vision_layers`. The schedule's
+public names stay importable from here (``merging_layers``, ``tower_schedule``, ``tower_tokens_after``).
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from vlmcompress.attention import combine_masks, size_log_bias
 from vlmcompress.merge import MergePlan, bipartite_soft_matching
-from vlmcompress.schedule import kept_count, merge_schedule, tokens_after
 from vlmcompress.state import TokenState
+
+from .hooks import Attachments
+from .vision_layers import _find_layers
+from .vision_schedule import merging_layers, tower_schedule, tower_tokens_after
 
 __all__ = ["VisionMerge", "install_vision_merge", "merging_layers", "tower_schedule", "tower_tokens_after"]
 
@@ -44,161 +49,6 @@ __all__ = ["VisionMerge", "install_vision_merge", "merging_layers", "tower_sched
 # FlashAttention takes only padding masks and flex attention a BlockMask.
 _BIAS_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
-
-# --- schedule, in closed form ------------------------------------------------------------------
-
-def merging_layers(num_layers: int, feature_layer: int | list[int] | tuple[int, ...] = -1) -> int:
-    """How many encoder layers merge: those whose output is, or comes before, the selected hidden state.
-
-    ``hidden_states`` has ``num_layers + 1`` entries (entry 0 is the embedding output); the earliest
-    selected index ``s`` (negative indices count from the end, as in ``hidden_states[i]``) is the
-    output of layer ``s - 1``, so layers ``0 .. s-1`` merge and later layers keep the length.
-    """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
-        raise ValueError(f"num_layers must be an int >= 0, got {num_layers!r}")
-    layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
-    if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-        raise TypeError(f"feature_layer must be an int or a non-empty list of ints, got {feature_layer!r}")
-    count = num_layers + 1
-    for i in layers:
-        if not -count <= i < count:
-            raise ValueError(f"feature_layer {i} is out of range for {count} hidden states ({num_layers} layers)")
-    return min(i % count for i in layers)
-
-
-def tower_schedule(num_tokens: int, num_layers: int, config, *, protected: int = 0) -> list[int]:
-    """Tokens removed in each of ``num_layers`` merging layers, from ``num_tokens`` (prefix included).
-
-    ``config.vision_keep`` is the fraction of the ``num_tokens - protected`` patch tokens that
-    survive: the target is ``protected + ceil(vision_keep · patches)``. A layer can at most halve its
-    mergeable tokens, so a target below what ``num_layers`` halvings reach is raised to that floor.
-    ``config.vision_ramp = 0`` spreads the removal evenly (:func:`vlmcompress.schedule.merge_schedule`
-    with ``target=``); ``ramp > 0`` weights layer ``i`` by ``1 + ramp - 2·ramp·i/(L-1)`` (ToMe's
-    decreasing schedule: more merging early), rounded so the total is exact, each value clamped to
-    what the matching can remove with any shortfall carried to the next layer.
-    """
-    patches = num_tokens - protected
-    if patches < 0:
-        raise ValueError(f"protected={protected} exceeds num_tokens={num_tokens}")
-    target = protected + kept_count(config.vision_keep, patches)
-    floor = num_tokens
-    for _ in range(num_layers):
-        floor -= (floor - protected) // 2
-    target = min(num_tokens, max(target, floor))
-    ramp = float(config.vision_ramp)
-    if ramp == 0.0 or num_layers < 2:
-        return merge_schedule(num_tokens, num_layers, target=target, protected=protected)
-    weights = [1.0 + ramp - 2.0 * ramp * i / (num_layers - 1) for i in range(num_layers)]
-    total, remove = sum(weights), num_tokens - target
-    out, n, done, cum, carry = [], num_tokens, 0, 0.0, 0
-    for w in weights:
-        cum += w
-        want = round(remove * cum / total) - done
-        done += want
-        r = min(want + carry, (n - protected) // 2)
-        carry = want + carry - r
-        out.append(r)
-        n -= r
-    return out
-
-
-def tower_tokens_after(num_patches: int, num_layers: int, config, *, protected: int = 0,
-                       feature_layer: int | list[int] = -1) -> int:
-    """Patch tokens (prefix excluded) in the selected hidden state of a merging tower.
-
-    Args:
-        num_patches: patch tokens entering the tower (576 for CLIP-L/14 at 336 px).
-        num_layers: encoder layers of the tower (``config.num_hidden_layers``).
-        config: a :class:`vlmcompress.CompressionConfig` (``vision_keep``, ``vision_ramp``).
-        protected: leading non-patch tokens that never merge (1 for a CLS token).
-        feature_layer: the hidden-state index the VLM reads (LLaVA: -2).
-    """
-    layers = merging_layers(num_layers, feature_layer)
-    schedule = tower_schedule(num_patches + protected, layers, config, protected=protected)
-    return tokens_after(num_patches + protected, schedule, protected) - protected
-
-
-# --- the three layer types ---------------------------------------------------------------------
-
-def _pre_norm_forward(layer, merge: "VisionMerge", index: int, hidden_states, attention_mask=None, **kwargs):
-    """CLIPEncoderLayer / SiglipEncoderLayer.forward, with the merge step after attention."""
-    merge._enter(index, hidden_states)
-    residual = hidden_states
-    hidden_states = layer.layer_norm1(hidden_states)
-    hidden_states, _ = layer.self_attn(
-        hidden_states=hidden_states,
-        attention_mask=merge._attention_mask(attention_mask, hidden_states.dtype),
-        **kwargs,
-    )
-    hidden_states = residual + hidden_states
-    hidden_states = merge._merge(index, hidden_states)
-    residual = hidden_states
-    hidden_states = layer.layer_norm2(hidden_states)
-    hidden_states = layer.mlp(hidden_states)
-    hidden_states = residual + hidden_states
-    return merge._after_layer(index, hidden_states)
-
-
-def _internvl_forward(layer, merge: "VisionMerge", index: int, hidden_states):
-    """InternVLVisionLayer.forward (layer scale, norm before and after attention), with the merge step."""
-    merge._enter(index, hidden_states)
-    mask = merge._attention_mask(None, hidden_states.dtype)
-    extra = {} if mask is None else {"attention_mask": mask}
-    attention_output, _ = layer.attention(layer.layernorm_before(hidden_states), **extra)
-    attention_output = layer.lambda_1 * attention_output
-    hidden_states = attention_output + hidden_states
-    hidden_states = merge._merge(index, hidden_states)
-    layer_output = layer.layernorm_after(hidden_states)
-    layer_output = layer.mlp(layer_output)
-    layer_output = layer.dropout(layer_output)
-    if layer.lambda_2 is not None:
-        layer_output = layer.lambda_2 * layer_output
-    layer_output = layer_output + hidden_states
-    return merge._after_layer(index, layer_output)
-
-
-@dataclass(frozen=True)
-class _TowerKind:
-    name: str
-    layer_class: type
-    forward: Callable
-    keys: Callable[[nn.Module], nn.Module]      # the module whose output are the attention keys
-    heads: Callable[[nn.Module], int]
-    patch_conv: Callable[[nn.Module], nn.Module]
-
-
-@functools.lru_cache(maxsize=1)
-def _tower_kinds() -> tuple[_TowerKind, ...]:
-    # Imported here so that importing vlmcompress does not import transformers' model code.
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-    from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
-    from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
-
-    return (
-        _TowerKind("clip", CLIPEncoderLayer, _pre_norm_forward, lambda l: l.self_attn.k_proj,
-                   lambda l: l.self_attn.num_heads, lambda t: t.embeddings.patch_embedding),
-        _TowerKind("siglip", SiglipEncoderLayer, _pre_norm_forward, lambda l: l.self_attn.k_proj,
-                   lambda l: l.self_attn.num_heads, lambda t: t.embeddings.patch_embedding),
-        # InternVL normalises the keys (k_norm, Identity when qk-norm is off) before attention: those are the keys.
-        _TowerKind("internvl", InternVLVisionLayer, _internvl_forward, lambda l: l.attention.k_norm,
-                   lambda l: l.attention.num_heads, lambda t: t.embeddings.patch_embeddings.projection),
-    )
-
-
-def _find_layers(tower: nn.Module) -> tuple[nn.Module, nn.ModuleList, _TowerKind]:
-    for root in (tower, getattr(tower, "vision_model", None)):
-        encoder = getattr(root, "encoder", None) if root is not None else None
-        layers = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
-        if isinstance(layers, nn.ModuleList) and len(layers):
-            for kind in _tower_kinds():
-                if all(type(layer) is kind.layer_class for layer in layers):
-                    return root, layers, kind
-    supported = ", ".join(k.layer_class.__name__ for k in _tower_kinds())
-    raise TypeError(f"vision merging supports towers made of {supported} layers (CLIPVisionModel, SiglipVisionModel, "
-                    f"InternVLVisionModel); got {type(tower).__name__}")
-
-
-# --- the handle --------------------------------------------------------------------------------
 
 class VisionMerge:
     """ToMe merging installed on one vision tower; returned by :func:`install_vision_merge`.
@@ -228,8 +78,7 @@ class VisionMerge:
         self._bias: torch.Tensor | None = None      # log(size) key bias [B,1,1,N] fp32; None while all sizes are 1
         self._keys: torch.Tensor | None = None
         self._stop = 0
-        self._patched: list[tuple[nn.Module, str, object]] = []
-        self._hooks = []
+        self._attached = Attachments()   # hooks and layer forwards; bound methods / partials (deepcopy-safe)
         try:
             self._install()
         except Exception:
@@ -239,35 +88,25 @@ class VisionMerge:
     # --- install / remove --------------------------------------------------------------------
     def _install(self) -> None:
         conv = self.kind.patch_conv(self.root)
-        self._hooks.append(conv.register_forward_hook(self._record_grid))
+        self._attached.hook(conv, self._record_grid)
         for index, layer in enumerate(self.layers):
-            self._hooks.append(self.kind.keys(layer).register_forward_hook(self._record_keys))
+            self._attached.hook(self.kind.keys(layer), self._record_keys)
             # accelerate (device_map=...) keeps the real forward in `_old_forward` behind its own
             # instance forward that moves the inputs; wrap that one so the device hooks keep working.
             name = "_old_forward" if "_hf_hook" in layer.__dict__ and "_old_forward" in layer.__dict__ else "forward"
             if name == "forward" and "forward" in layer.__dict__:
                 raise RuntimeError(f"layer {index} of the vision tower already has an instance forward "
                                    "(patched by another tool); vision merging cannot wrap it")
-            previous = layer.__dict__.get(name)
-            setattr(layer, name, functools.partial(self.kind.forward, layer, self, index))
-            self._patched.append((layer, name, previous))
+            self._attached.set_attr(layer, name, functools.partial(self.kind.forward, layer, self, index))
 
     def remove(self) -> None:
         """Undo everything :meth:`install_vision_merge` attached (idempotent)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        for layer, name, previous in reversed(self._patched):
-            if previous is None:
-                layer.__dict__.pop(name, None)
-            else:
-                setattr(layer, name, previous)
-        self._patched.clear()
+        self._attached.remove()
         self._state = self._selected = self._keys = None
 
     @property
     def installed(self) -> bool:
-        return bool(self._patched)
+        return bool(self._attached)
 
     # --- results -----------------------------------------------------------------------------
     @property
@@ -344,11 +183,13 @@ class VisionMerge:
         self.schedule = tower_schedule(n, self._stop, self.config, protected=self.protected)
         self._selected = self._state if self._stop == 0 else None
 
-    def _attention_mask(self, mask, dtype):
+    def _attention_mask(self, mask, dtype, device=None):
         # Before the first merge every size is 1: leave the mask alone, so nothing changes bit-wise.
         if self._bias is None or not self.config.proportional_attention:
             return mask
-        return combine_masks(self._bias.to(dtype), mask)
+        # A tower split over devices (device_map): the bias follows the layer, not layer 0 (defect 9).
+        device = mask.device if mask is not None else device
+        return combine_masks(self._bias.to(dtype=dtype, device=device), mask)
 
     def _merge(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         keys, self._keys = self._keys, None
@@ -361,13 +202,22 @@ class VisionMerge:
         b, n, _ = hidden.shape
         metric = keys.reshape(b, n, self.kind.heads(self.layers[index]), -1).mean(2)
         plan = _first_member_order(bipartite_soft_matching(metric, r, protected=self.protected))
-        self._state = plan.merge(self._state.replace(x=hidden))
+        state = self._state
+        if state.x.device != hidden.device:      # device_map: this layer lives on another device
+            state = TokenState(hidden, state.size.to(hidden.device), state.pos.to(hidden.device),
+                               None if state.source is None else state.source.to(hidden.device))
+        self._state = plan.merge(state.replace(x=hidden))
         self._bias = size_log_bias(self._state.size)      # once per merge, reused by the later layers
         return self._state.x
 
     def _after_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         if index + 1 != self._stop:
             return hidden
+        state = self._state
+        if state.size.device != hidden.device:
+            state = TokenState(hidden, state.size.to(hidden.device), state.pos.to(hidden.device),
+                               None if state.source is None else state.source.to(hidden.device))
+            self._state = state
         self._selected = self._state.replace(x=hidden)
         if self.unmerge_output and self._bias is not None:
             # Spread the merged tokens back over their patches: later layers and the VLM see the

@@ -31,13 +31,16 @@ def _best_match_kernel(
     j_end = tl.minimum(j_start + COLS_PER_SPLIT, NB)
     o_a = i_a * BLOCK_A + tl.arange(0, BLOCK_A)
     m_a = o_a < NA
+    # Row offsets in int64: row · stride passes 2^31 elements at e.g. 23,328 tokens × 1152 channels × 80
+    # frames' worth of rows (issue 9, defect 9); indices stay int32 (they are < NB).
+    o_a64 = o_a.to(tl.int64)
     o_k = tl.arange(0, BLOCK_K)
     p_a += i_b * s_ab
     p_b += i_b * s_bb
     if ONE_K:
         # C fits in one tile (e.g. a 72-channel ToMe metric): load the rows of a once.
         # [BLOCK_A, BLOCK_K]
-        b_a = tl.load(p_a + o_a[:, None] * s_an + o_k[None, :] * s_ac,
+        b_a = tl.load(p_a + o_a64[:, None] * s_an + o_k[None, :] * s_ac,
                       mask=m_a[:, None] & (o_k < C)[None, :], other=0)
         if UPCAST:
             b_a = b_a.to(tl.float32)
@@ -47,9 +50,10 @@ def _best_match_kernel(
     for j in range(j_start, j_end, BLOCK_B):
         o_b = j + tl.arange(0, BLOCK_B)
         m_b = o_b < j_end
+        o_b64 = o_b.to(tl.int64)
         if ONE_K:
             # [BLOCK_K, BLOCK_B], b transposed by the load
-            b_bt = tl.load(p_b + o_b[None, :] * s_bn + o_k[:, None] * s_bc,
+            b_bt = tl.load(p_b + o_b64[None, :] * s_bn + o_k[:, None] * s_bc,
                            mask=m_b[None, :] & (o_k < C)[:, None], other=0)
             if UPCAST:
                 b_bt = b_bt.to(tl.float32)
@@ -59,9 +63,9 @@ def _best_match_kernel(
             for k in range(0, C, BLOCK_K):
                 o_kk = k + o_k
                 m_k = o_kk < C
-                b_ak = tl.load(p_a + o_a[:, None] * s_an + o_kk[None, :] * s_ac,
+                b_ak = tl.load(p_a + o_a64[:, None] * s_an + o_kk[None, :] * s_ac,
                                mask=m_a[:, None] & m_k[None, :], other=0)
-                b_bt = tl.load(p_b + o_b[None, :] * s_bn + o_kk[:, None] * s_bc,
+                b_bt = tl.load(p_b + o_b64[None, :] * s_bn + o_kk[:, None] * s_bc,
                                mask=m_b[None, :] & m_k[:, None], other=0)
                 if UPCAST:
                     b_ak, b_bt = b_ak.to(tl.float32), b_bt.to(tl.float32)
@@ -80,7 +84,7 @@ def _best_match_kernel(
         m_new = b_tmax > b_best
         b_best = tl.where(m_new, b_tmax, b_best)
         b_arg = tl.where(m_new, b_targ + j, b_arg)
-    o_out = (i_b * n_splits + i_s) * NA + o_a
+    o_out = (i_b * n_splits + i_s) * NA + o_a64
     tl.store(p_score + o_out, b_best, mask=m_a)
     tl.store(p_index + o_out, b_arg.to(tl.int64), mask=m_a)
 

@@ -88,7 +88,6 @@ def test_target_is_spread_evenly_when_possible():
     (dict(r=2, target=5), "exactly one of"),
     (dict(r=-1), "r must be >= 0"),
     (dict(r=2, ramp=1.5), "ramp must be"),
-    (dict(keep_ratio=0.5, ramp=0.2), "ramp= only applies"),
     (dict(keep_ratio=0.0), "keep_ratio must be"),
     (dict(keep_ratio=1.2), "keep_ratio must be"),
     (dict(target=101), "target must be <= 100"),
@@ -112,3 +111,14 @@ def test_kept_count_is_float_safe_and_keeps_one():
     assert kept_count(0.07, 100) == 7 and kept_count(0.28, 25) == 7 and kept_count(0.14, 50) == 7
     assert kept_count(0.5, 7) == 4
     assert kept_count(1e-9, 10) == 1
+
+
+def test_ramp_with_a_target_is_the_vision_tower_ramp():
+    """One ramp (issue 9): merge_schedule(target=, ramp=) is what the vision tower's vision_ramp uses."""
+    from vlmcompress import CompressionConfig
+    from vlmcompress.adapters.vision_merge import tower_schedule
+
+    sched = merge_schedule(577, 12, target=289, ramp=0.5, protected=1)
+    assert sum(sched) == 577 - 289 and sched[0] > sched[-1]
+    assert sched == tower_schedule(577, 12, CompressionConfig(vision_keep=0.5, vision_ramp=0.5), protected=1)
+    assert merge_schedule(100, 4, target=60, ramp=0.0) == merge_schedule(100, 4, target=60)

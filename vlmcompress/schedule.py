@@ -11,7 +11,7 @@ import math
 
 from ._checks import check_int
 
-__all__ = ["merge_schedule", "tokens_after"]
+__all__ = ["merge_schedule", "tokens_after", "ramp_weights", "kept_count"]
 
 
 def kept_count(ratio: float, count: int) -> int:
@@ -31,11 +31,12 @@ def merge_schedule(num_tokens: int, num_layers: int, *, r: int | None = None, ra
     Exactly one of:
         r: ``r`` per layer. With ``ramp`` (in ``[-1, 1]``) the per-layer value goes linearly from
             ``r·(1+ramp)`` at the first layer to ``r·(1-ramp)`` at the last (ToMe's inflection
-            schedule; ``ramp > 0`` merges more early), rounded to the nearest int.
+            schedule; ``ramp > 0`` merges more early), rounded to the nearest int (:func:`ramp_weights`).
         keep_ratio: in ``(0, 1]``: keep ``ceil(keep_ratio · num_tokens)`` tokens (``1`` keeps all).
         target: tokens left after the last layer, in ``[protected + 1, num_tokens]`` (or ``num_tokens``).
             The removal is spread as evenly as the per-layer limit allows (a layer can at most halve
-            its mergeable tokens, so early layers take more when the target needs it).
+            its mergeable tokens, so early layers take more when the target needs it); with ``ramp``, in
+            the proportions of :func:`ramp_weights` instead (the vision tower's ``vision_ramp``).
 
     Every value is clamped to ``(n_l - protected) // 2``, where ``n_l`` is the count entering layer
     ``l``, so the schedule is exactly what the matching removes.
@@ -51,11 +52,9 @@ def merge_schedule(num_tokens: int, num_layers: int, *, r: int | None = None, ra
         raise ValueError(f"give exactly one of r=, keep_ratio=, target=; got {given or 'none'}")
     if not isinstance(ramp, (int, float)) or isinstance(ramp, bool) or not -1.0 <= ramp <= 1.0:
         raise ValueError(f"ramp must be a float in [-1, 1], got {ramp!r}")
-    if ramp and r is None:
-        raise ValueError("ramp= only applies to an r= schedule")
-
     if r is not None:
         r = check_int("r", r, minimum=0)
+        # r · ramp_weights(L, ramp), written as first + step·i (the arithmetic ToMe uses, bit for bit)
         first = r * (1.0 + ramp)
         step = 0.0 if num_layers < 2 else -2.0 * r * ramp / (num_layers - 1)
         return _clamped([max(0, round(first + step * i)) for i in range(num_layers)], num_tokens, protected)
@@ -65,7 +64,35 @@ def merge_schedule(num_tokens: int, num_layers: int, *, r: int | None = None, ra
             raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
         target = min(num_tokens, kept_count(keep_ratio, num_tokens))
     target = check_int("target", target, minimum=0, maximum=num_tokens)
-    return _towards_target(num_tokens, num_layers, target, protected)
+    if ramp == 0.0 or num_layers < 2:
+        return _towards_target(num_tokens, num_layers, target, protected)
+    return _ramp_to_target(num_tokens, target, ramp_weights(num_layers, ramp), protected)
+
+
+def ramp_weights(num_layers: int, ramp: float) -> list[float]:
+    """ToMe's linear schedule shape, one weight per layer: ``1 + ramp − 2·ramp·i/(L−1)`` (from ``1 + ramp``
+    at the first layer to ``1 − ramp`` at the last; all 1 for ``ramp = 0`` or one layer). The one ramp
+    of the library: ``merge_schedule(r=, ramp=)`` scales it by ``r``, ``merge_schedule(target=, ramp=)``
+    and the vision-tower schedule share the removal out in its proportions."""
+    if num_layers < 2:
+        return [1.0] * num_layers
+    return [1.0 + ramp - 2.0 * ramp * i / (num_layers - 1) for i in range(num_layers)]
+
+
+def _ramp_to_target(n: int, target: int, weights: list[float], protected: int) -> list[int]:
+    """Remove ``n - target`` tokens in the proportions of ``weights`` (cumulative rounding, so the total is
+    exact), each layer clamped to what the matching can remove, any shortfall carried to the next."""
+    total, remove = sum(weights), n - target
+    out, done, cum, carry = [], 0, 0.0, 0
+    for w in weights:
+        cum += w
+        want = round(remove * cum / total) - done
+        done += want
+        r = min(want + carry, (n - protected) // 2)
+        carry = want + carry - r
+        out.append(r)
+        n -= r
+    return out
 
 
 def tokens_after(num_tokens: int, schedule, protected: int = 0) -> int:
