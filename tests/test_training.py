@@ -85,3 +85,23 @@ def test_cli_errors(capsys):
     with pytest.raises(SystemExit):
         train_vlm.main(["--export", "somewhere"])
     assert "--export needs --name" in capsys.readouterr().err
+
+
+def test_aux_cell_labels_mark_what_is_drawn():
+    from vlmcompress.synthetic import SHAPES, make_scene
+    from vlmcompress.training.aux_labels import cell_labels
+
+    s = make_scene("object", 3, frames=4)
+    for t in range(4):
+        lab = cell_labels(s, t, 8)
+        y, x, h, w = s.facts["object_boxes"][t]
+        centre = int((y + h // 2) // 8) * 8 + int((x + w // 2) // 8)
+        assert lab["shape"][centre] == 1 + SHAPES.index(s.facts["shape"])
+        y, x, h, w = s.facts["digit_box"]
+        centre = int((y + h // 2) // 8) * 8 + int((x + w // 2) // 8)
+        assert lab["digit"][centre] == 1 + int(s.facts["digit"])
+        assert 0 < int((lab["shape"] > 0).sum()) <= 4 and int((lab["digit"] > 0).sum()) >= 2
+    n = make_scene("needle", 1, frames=6)
+    k = n.facts["needle_frame"]
+    assert (cell_labels(n, k, 4)["colour"] > 0).sum() == 4            # a 32-px marker covers 2×2 16-px cells
+    assert all((cell_labels(n, t, 4)["colour"] == 0).all() for t in range(6) if t != k)

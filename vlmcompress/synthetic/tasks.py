@@ -167,20 +167,25 @@ def _count_scene(rng, t_count: int, side: int):
     same = bool(rng.random() < 0.5)  # same-coloured shapes are what token merging may fuse
     base = str(rng.choice(list(COLOURS)))
     boxes: list[tuple[int, int]] = []
+    tries = 0
     while len(boxes) < n:
+        tries += 1
+        if tries % 200 == 0:  # the boxes so far leave no room: start the layout again
+            boxes = []
         y, x = (int(v) for v in rng.integers(gap, side - obj - gap + 1, size=2))
         if all(abs(y - by) >= obj + gap or abs(x - bx) >= obj + gap for by, bx in boxes):
             boxes.append((y, x))
     video = np.repeat(background(rng, side)[None], t_count, axis=0)
-    colours = []
+    colours, shapes = [], []
     for y, x in boxes:
         colour = base if same else str(rng.choice(list(COLOURS)))
         colours.append(colour)
-        mask = shape_mask(str(rng.choice(SHAPES)), obj)
+        shapes.append(str(rng.choice(SHAPES)))
+        mask = shape_mask(shapes[-1], obj)
         for t in range(t_count):
             paint(video[t], mask, y, x, COLOURS[colour])
     word = _COUNT_WORDS[n - 1]
-    facts = dict(count=word, object_boxes=[(y, x, obj, obj) for y, x in boxes], colours=colours)
+    facts = dict(count=word, object_boxes=[(y, x, obj, obj) for y, x in boxes], colours=colours, shapes=shapes)
     return video, facts, f"{word} shape{'s' if n > 1 else ''}"
 
 
@@ -204,10 +209,12 @@ def _order_scene(rng, t_count: int, side: int):
     i = int(rng.integers(0, third))
     j = int(rng.integers(max(i + 1, t_count - third), t_count))
     video = np.repeat(background(rng, side)[None], t_count, axis=0)
+    boxes = []
     for frame, colour in ((i, first), (j, second)):
         m, y, x = _marker(rng, side)
         paint(video[frame], np.ones((m, m), dtype=bool), y, x, COLOURS[colour])
-    return video, dict(order=first, order_frames=(i, j), order_colours=(first, second)), \
+        boxes.append((y, x, m, m))
+    return video, dict(order=first, order_frames=(i, j), order_colours=(first, second), order_boxes=boxes), \
         f"a {first} flash, then a {second} flash"
 
 

@@ -11,7 +11,12 @@ trains it: with ``--v2pe-mix`` each sample's visual tokens advance the position 
 One step = one batch of scenes sharing a frame count. An "object" scene is asked all four of its
 questions (colour, shape, direction, digit) as a multi-turn chat in random order, so one pass of the
 vision tower supervises four answers; any scene may add "Describe the video." → its caption. The loss
-is cross-entropy on the assistant turns only (answer + end of turn). Checkpoints (model, processor,
+is cross-entropy on the assistant turns only (answer + end of turn), plus, with ``--aux-weight`` > 0, an
+auxiliary per-patch loss that trains the vision tower directly (deep supervision, :mod:`.aux_labels`):
+a linear head on the projected patch features predicts what is drawn in each patch (shape, colour,
+digit or nothing). The head is thrown away; the shipped model is the plain HF model. Without it the
+answer loss alone taught the tower colour in 200 steps but not shapes or digits in 1,400 (a linear
+probe on its features found shape 49 %, digit 21 %). Checkpoints (model, processor,
 optimiser, step, RNG) are written every ``--ckpt-every`` steps and ``--resume`` continues from the last.
 """
 from __future__ import annotations
@@ -38,8 +43,8 @@ V2PE_DELTAS = (1.0, 0.5, 0.25, 0.125, 0.0625)
 # so their batches are short and cheap and most steps go to the slow-to-learn tasks (shape, direction,
 # digit, count); temporal scenes (needle, order) need long videos.
 _GROUPS = {
-    "spatial": dict(p=0.7, kinds={"object": 0.65, "count": 0.35}, frames=(4, 6, 8)),
-    "temporal": dict(p=0.3, kinds={"needle": 0.5, "order": 0.5}, frames=None),  # None: 8 .. --max-frames
+    "spatial": dict(p=0.7, kinds={"object": 0.65, "count": 0.35}),   # frames: --spatial-frames
+    "temporal": dict(p=0.3, kinds={"needle": 0.5, "order": 0.5}),    # frames: 8 .. --max-frames
 }
 
 
@@ -47,10 +52,11 @@ class TrainSettings(argparse.Namespace):
     pass
 
 
-def _frames_choices(group: str, max_frames: int) -> list[int]:
+def _frames_choices(group: str, max_frames: int, spatial=(4, 6, 8)) -> list[int]:
     """Even frame counts (Qwen pairs frames in its temporal patch; the same for OneVision)."""
-    fixed = _GROUPS[group]["frames"]
-    return [f for f in fixed if f <= max_frames] if fixed else list(range(8, max_frames + 1, 2))
+    if group == "spatial":
+        return [f for f in spatial if f <= max_frames]
+    return list(range(8, max_frames + 1, 2))
 
 
 def _conversation(scene, rng: random.Random, describe_p: float) -> list[dict]:
@@ -103,15 +109,17 @@ def v2pe_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, visual
 def _batch(processor, group: str, rng: random.Random, step_seed: int, batch: int, frames: int, describe_p: float):
     weights = _GROUPS[group]["kinds"]
     kinds = list(weights)
-    chats = []
+    chats, scenes = [], []
     for i in range(batch):
         kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
         scene = make_scene(kind, scene_seed("train", kind, step_seed * batch + i), frames=frames)
+        scenes.append(scene)
         chats.append(_conversation(scene, rng, describe_p))
     processor.tokenizer.padding_side = "right"
-    return processor.apply_chat_template(
+    inputs = processor.apply_chat_template(
         chats, tokenize=True, return_dict=True, return_tensors="pt",
         processor_kwargs={"padding": True, "video_metadata": _metadata(frames, 4.0, batch)})
+    return inputs, scenes
 
 
 def _visual_token_id(model) -> int:
@@ -153,14 +161,15 @@ def answer_accuracy(model, processor, *, per_task: int = 16, frames: int = 16, t
     return out
 
 
-def _save(folder: Path, model, processor, opt, sched, step: int, log: list) -> None:
+def _save(folder: Path, model, processor, opt, sched, step: int, log: list, aux=None) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    extra = {} if aux is None else {"aux": aux.head.state_dict()}
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state()}, tmp / "train_state.pt")
+                "torch_rng": torch.get_rng_state(), **extra}, tmp / "train_state.pt")
     (tmp / "train_log.json").write_text(json.dumps(log))
     if folder.exists():
         shutil.rmtree(folder)
@@ -196,6 +205,13 @@ def train(args) -> Path:
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
+    from .aux_labels import AuxHead
+
+    aux = AuxHead(model) if args.aux_weight > 0 else None
+    if aux is not None:
+        if state is not None and "aux" in state:
+            aux.head.load_state_dict(state["aux"])
+        opt.add_param_group({"params": list(aux.head.parameters()), "weight_decay": 0.0})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     if state is not None:
         opt.load_state_dict(state["opt"])
@@ -209,16 +225,21 @@ def train(args) -> Path:
     for step in range(start, args.steps):
         rng = random.Random(args.seed * 1_000_003 + step)  # per-step RNG: resuming reproduces the data
         group = "spatial" if rng.random() < _GROUPS["spatial"]["p"] else "temporal"
-        frames = rng.choice(_frames_choices(group, args.max_frames))
-        inputs = _batch(processor, group, rng, step, args.batch, frames, args.describe_p)
+        frames = rng.choice(_frames_choices(group, args.max_frames, args.spatial_frames))
+        inputs, scenes = _batch(processor, group, rng, step, args.batch, frames, args.describe_p)
         labels = _labels(inputs["input_ids"], header, end_id)
         kwargs = dict(inputs)
         if args.v2pe_mix:
             deltas = [rng.choice(V2PE_DELTAS) for _ in range(args.batch)]
             kwargs["position_ids"] = v2pe_positions(inputs["input_ids"], inputs["attention_mask"], visual_id, deltas)
+        if aux is not None:
+            aux.start()
         logits = model(**kwargs).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
+        aux_loss = aux.loss(scenes) if aux is not None else None
+        if aux_loss is not None:
+            loss = loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -226,6 +247,8 @@ def train(args) -> Path:
         sched.step()
         entry = {"step": step + 1, "loss": round(loss.item(), 4), "group": group, "frames": frames,
                  "lr": round(sched.get_last_lr()[0], 7), "elapsed_s": round(time.time() - t0, 1)}
+        if aux_loss is not None:
+            entry["aux"] = round(aux_loss.item(), 4)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             entry["acc"] = answer_accuracy(model, processor, per_task=args.eval_per_task, frames=16)
             model.train()
@@ -233,7 +256,7 @@ def train(args) -> Path:
         if (step + 1) % 10 == 0 or "acc" in entry:
             print(json.dumps(entry), flush=True)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            _save(ckpt, model, processor, opt, sched, step + 1, log)
+            _save(ckpt, model, processor, opt, sched, step + 1, log, aux)
     return ckpt
 
 
@@ -269,9 +292,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--max-frames", type=int, default=16)
+    p.add_argument("--max-frames", type=int, default=16, help="longest temporal-scene video (8 .. this)")
+    p.add_argument("--spatial-frames", type=int, nargs="+", default=[4, 6, 8],
+                   help="frame counts of the spatial scenes' batches")
     p.add_argument("--describe-p", type=float, default=0.3, help="probability of a caption turn per sample")
     p.add_argument("--v2pe-mix", action="store_true", help="draw V2PE δ per sample (LLaVA-OneVision)")
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch auxiliary loss (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=200)

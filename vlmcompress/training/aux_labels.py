@@ -1,0 +1,101 @@
+"""Deep supervision for the vision tower: what is drawn in each patch, from the scene's known layout.
+
+The answer loss alone reaches the tower through the LLM's attention, which first has to find the
+right tokens; it taught colour quickly but not shape or digit identity. This head reads the
+projected patch features (OneVision: the projector's output, 8×8 per frame, before the model pools
+them; Qwen2-VL: the merger's output, 4×4 per pair of frames) and predicts, per cell, the shape,
+colour and digit drawn at the cell's centre (or nothing). It exists only during training.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..synthetic import COLOURS, SHAPES
+
+__all__ = ["AuxHead", "cell_labels"]
+
+_COLOURS = tuple(COLOURS)
+_N = {"shape": 1 + len(SHAPES), "colour": 1 + len(_COLOURS), "digit": 11}
+
+
+def _elements(scene, t: int) -> list[tuple[tuple[int, int, int, int], dict]]:
+    """``(box, labels)`` of everything drawn in frame `t` of `scene`."""
+    f = scene.facts
+    if scene.kind == "object":
+        return [(f["object_boxes"][t], {"shape": f["shape"], "colour": f["colour"]}),
+                (f["digit_box"], {"digit": f["digit"]})]
+    if scene.kind == "count":
+        return [(box, {"shape": s, "colour": c}) for box, s, c in zip(f["object_boxes"], f["shapes"], f["colours"])]
+    if scene.kind == "needle":
+        return [(f["marker_box"], {"colour": f["needle"]})] if t == f["needle_frame"] else []
+    return [(box, {"colour": c}) for box, c, k in zip(f["order_boxes"], f["order_colours"], f["order_frames"]) if k == t]
+
+
+def cell_labels(scene, t: int, cells: int) -> dict[str, torch.Tensor]:
+    """Per-cell class indices (``[cells*cells]`` int64, 0 = nothing) of frame `t` on a ``cells × cells`` grid."""
+    side = scene.frames.shape[1]
+    step = side / cells
+    out = {k: torch.zeros(cells * cells, dtype=torch.long) for k in _N}
+    for (y, x, h, w), labels in _elements(scene, t):
+        for i in range(cells):
+            cy = (i + 0.5) * step
+            if not y <= cy < y + h:
+                continue
+            for j in range(cells):
+                cx = (j + 0.5) * step
+                if x <= cx < x + w:
+                    if "shape" in labels:
+                        out["shape"][i * cells + j] = 1 + SHAPES.index(labels["shape"])
+                    if "colour" in labels:
+                        out["colour"][i * cells + j] = 1 + _COLOURS.index(labels["colour"])
+                    if "digit" in labels:
+                        out["digit"][i * cells + j] = 1 + int(labels["digit"])
+    return out
+
+
+class AuxHead:
+    """A linear head on the patch features of `model`, captured by a forward hook each step."""
+
+    def __init__(self, model):
+        inner = model.model
+        width = model.config.get_text_config().hidden_size
+        self.kind = model.config.model_type
+        if self.kind == "llava_onevision":
+            module = inner.multi_modal_projector
+        elif self.kind == "qwen2_vl":
+            module = inner.visual.merger
+        else:
+            raise ValueError(f"no auxiliary labels for {self.kind!r}")
+        self.head = torch.nn.Linear(width, sum(_N.values()))
+        self.captured = None
+        module.register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output):
+        if self.captured is None:
+            self.captured = output
+
+    def start(self) -> None:
+        self.captured = None
+
+    def loss(self, scenes) -> torch.Tensor | None:
+        feats = self.captured
+        self.captured = None
+        if feats is None:
+            return None
+        labels: dict[str, list[torch.Tensor]] = {k: [] for k in _N}
+        for scene in scenes:
+            t_count = scene.frames.shape[0]
+            if self.kind == "llava_onevision":
+                frames, cells = range(t_count), 8
+            else:  # Qwen pairs frames in its temporal patch: label each pair by its first frame
+                frames, cells = range(0, t_count, 2), 4
+            for t in frames:
+                for k, v in cell_labels(scene, t, cells).items():
+                    labels[k].append(v)
+        target = {k: torch.cat(v) for k, v in labels.items()}
+        logits = self.head(feats.reshape(-1, feats.shape[-1]))
+        if logits.shape[0] != target["shape"].shape[0]:
+            raise AssertionError(f"aux: {logits.shape[0]} patch features for {target['shape'].shape[0]} labels")
+        parts = logits.split(list(_N.values()), dim=-1)
+        return sum(F.cross_entropy(p.float(), target[k]) for p, k in zip(parts, _N)) / len(_N)
