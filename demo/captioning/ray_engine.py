@@ -59,10 +59,11 @@ def run_ray(job: Job, items: list[Item], *, emit, should_stop, address: str | No
     started = not ray.is_initialized()
     if started:
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-        if address is None:
-            ray.init(**kwargs)
-        else:
-            ray.init(address=address, **kwargs)
+        try:
+            ray.init(**kwargs) if address is None else ray.init(address=address, **kwargs)
+        except Exception as e:                   # Ray raises plain Exception / ConnectionError here
+            where = f"the Ray cluster at {address}" if address else "a local Ray"
+            raise ModelError(f"could not start or reach {where}: {str(e).strip().splitlines()[0]}") from e
     try:
         ctx = ray.data.DataContext.get_current()
         logging.getLogger("ray.data").setLevel(logging.ERROR)   # its INFO lines would break the progress bar
