@@ -100,13 +100,17 @@ class VLMCompress(lmms):
     def __init__(self, pretrained: str | None = None, **kwargs: Any) -> None:
         super().__init__()
         self.args: ModelArgs = parse_model_args(pretrained=pretrained, **kwargs)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Every process would evaluate every doc: run one process (device=cuda:N picks the GPU).
-            raise NotImplementedError("vlmcompress lmms-eval model: multi-process (accelerate launch) evaluation "
-                                      "is not supported; run one process per evaluation")
+        # Data parallel (`accelerate launch -m lmms_eval ...`): lmms-eval gives each process the docs of its
+        # rank (older releases read the rank from the model, newer ones set it too); one GPU per process.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            self._rank, self._world_size = int(os.environ.get("RANK", "0")), world
         scorer = _load_scorer(self.args.clip)
         self.label, self.config = compression_config(self.args, scorer=scorer)
-        device = self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = self.args.device
+        if device is None:
+            device = "cpu" if not torch.cuda.is_available() else \
+                f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else "cuda"
         from ..demo.runner import load
 
         self._model, self.processor = load(self.args.pretrained, dtype=self.args.dtype, device=device,
