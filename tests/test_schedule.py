@@ -92,7 +92,8 @@ def test_target_is_spread_evenly_when_possible():
     (dict(keep_ratio=1.2), "keep_ratio must be"),
     (dict(target=101), "target must be <= 100"),
     (dict(target=5), "cannot reach 5 tokens"),
-], ids=["none", "two", "neg-r", "ramp-range", "ramp-no-r", "keep0", "keep>1", "target>N", "unreachable"])
+    (dict(target=5, ramp=0.5), "cannot reach 5 tokens"),
+], ids=["none", "two", "neg-r", "ramp-range", "keep0", "keep>1", "target>N", "unreachable", "unreachable-ramp"])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         merge_schedule(100, 3, **kwargs)

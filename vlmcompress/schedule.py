@@ -66,6 +66,7 @@ def merge_schedule(num_tokens: int, num_layers: int, *, r: int | None = None, ra
     target = check_int("target", target, minimum=0, maximum=num_tokens)
     if ramp == 0.0 or num_layers < 2:
         return _towards_target(num_tokens, num_layers, target, protected)
+    _check_reachable(num_tokens, num_layers, target, protected)
     return _ramp_to_target(num_tokens, target, ramp_weights(num_layers, ramp), protected)
 
 
@@ -120,7 +121,7 @@ def _halve(n: int, protected: int) -> int:
     return n - (n - protected) // 2
 
 
-def _towards_target(n: int, layers: int, target: int, protected: int) -> list[int]:
+def _check_reachable(n: int, layers: int, target: int, protected: int) -> None:
     lowest = n
     for _ in range(layers):
         lowest = _halve(lowest, protected)
@@ -128,6 +129,10 @@ def _towards_target(n: int, layers: int, target: int, protected: int) -> list[in
         raise ValueError(
             f"cannot reach {target} tokens from {n} in {layers} layers: each layer can at most halve the "
             f"{n - protected if n >= protected else 0} mergeable tokens, so the fewest reachable is {lowest}")
+
+
+def _towards_target(n: int, layers: int, target: int, protected: int) -> list[int]:
+    _check_reachable(n, layers, target, protected)
     out = []
     for i in range(layers):
         left = layers - i - 1
