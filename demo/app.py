@@ -992,6 +992,9 @@ def build_app(*, device: str | None = None, limits: Limits = Limits(), models: S
         # API page's example runnable offline.
         with gr.Column(visible=False):
             api_video = gr.Video(label="video", value=None)
+            # The API page's example would otherwise upload gradio's sample video from github.com, which an
+            # offline server cannot fetch; None runs the named example instead.
+            api_video.example_inputs = lambda: None
             api_example = gr.Textbox(value=DEFAULT_EXAMPLE, label="example")
             api_model = gr.Textbox(value=default, label="model")
             api_question = gr.Textbox(value="", label="question")
