@@ -98,4 +98,14 @@ class AuxHead:
         if logits.shape[0] != target["shape"].shape[0]:
             raise AssertionError(f"aux: {logits.shape[0]} patch features for {target['shape'].shape[0]} labels")
         parts = logits.split(list(_N.values()), dim=-1)
-        return sum(F.cross_entropy(p.float(), target[k]) for p, k in zip(parts, _N)) / len(_N)
+        total = logits.new_zeros(())
+        for part, k in zip(parts, _N):
+            # Most cells hold nothing: unweighted, "nothing everywhere" is a cheap minimum that teaches the
+            # tower nothing about shapes (its hit rate on drawn cells stayed at 16 % after 350 steps).
+            # Drawn cells get the full weight, empty ones a tenth.
+            ce = F.cross_entropy(part.float(), target[k], reduction="none")
+            drawn = target[k] > 0
+            if drawn.any():
+                total = total + ce[drawn].mean()
+            total = total + 0.1 * ce[~drawn].mean()
+        return total / len(_N)
