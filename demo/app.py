@@ -926,7 +926,8 @@ def build_app(*, device: str | None = None, limits: Limits = Limits(), models: S
     except DemoError as e:                          # no ffmpeg: the page still works with uploads
         log.warning("%s", e)
         first = None
-    clip_label = "trained synth-clip" if "synth-clip" in _shipped("clip") else "tiny CLIP, random weights"
+    clip_trained = "synth-clip" in _shipped("clip")
+    clip_label = "trained synth-clip" if clip_trained else "tiny CLIP, random weights"
     sessions = _Sessions()
     k0, t_on0, t0, d0 = preset_values(DEFAULT_PRESET)
 
@@ -963,7 +964,9 @@ def build_app(*, device: str | None = None, limits: Limits = Limits(), models: S
                     temporal = gr.Checkbox(value=t_on0, label="Temporal merging", scale=1)
                     threshold = gr.Slider(0.5, 1.0, value=t0, step=0.01, label="Temporal threshold (cosine)",
                                           scale=3)
-                relevance = gr.Checkbox(value=False, label=f"Prompt-guided pooling (CLIP relevance: {clip_label})",
+                # On by default with the trained CLIP: on the needle example plain pooling to 7 tokens loses the
+                # flash ("green" for yellow) and relevance-weighted pooling keeps it.
+                relevance = gr.Checkbox(value=clip_trained, label=f"Prompt-guided pooling (CLIP relevance: {clip_label})",
                                         elem_id="relevance",
                                         info="weights pooling by how relevant each patch is to the question")
                 vision_keep = gr.Slider(0.1, 1.0, value=1.0, step=0.05, label="Vision keep (stage A, ToMe in the "
@@ -1004,7 +1007,7 @@ def build_app(*, device: str | None = None, limits: Limits = Limits(), models: S
             api_budget = gr.Number(0, label="token_budget", precision=0)
             api_temporal = gr.Dropdown(["preset", "on", "off"], value="preset", label="temporal")
             api_threshold = gr.Number(None, label="temporal_threshold")
-            api_relevance = gr.Checkbox(False, label="relevance")
+            api_relevance = gr.Checkbox(clip_trained, label="relevance")
             api_vision = gr.Number(1.0, label="vision_keep")
             api_delta = gr.Number(None, label="v2pe_delta")
             api_new = gr.Number(32, label="max_new_tokens", precision=0)
