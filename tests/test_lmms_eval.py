@@ -209,7 +209,10 @@ def test_lmms_eval_command_line_end_to_end(pretrained, task_dir, tmp_path):
            "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (results_file,) = out.rglob("*results.json")
+    # lmms-eval logs a failing task and still exits 0: no results file then; show its log.
+    found = list(out.rglob("*results.json"))
+    assert len(found) == 1, f"lmms-eval wrote {found}; its log:\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results_file,) = found
     results = json.loads(results_file.read_text())["results"]
     samples = {}
     for f in out.rglob("*samples_*.jsonl"):
