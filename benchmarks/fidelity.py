@@ -30,9 +30,14 @@ CSV_FIELDS = ["date", "machine", "model", "frames", "items", "setting", "method"
               "retained", "agreement", "kl", "needle", "digit", "total_x", "torch"]
 
 
-def _stage_a(model) -> bool:
+def _stage_a(model, scorer) -> bool:
+    """Whether stage A combines with prompt-guided pooling on this model (Qwen's merged tower leaves no grid)."""
+    from vlmcompress.steps import PromptGuidedPool
+
+    if scorer is None:
+        return False
     try:
-        vc.patch(model, vc.CompressionConfig(vision_keep=0.5))
+        vc.patch(model, vc.CompressionConfig.from_steps(PromptGuidedPool(keep_ratio=0.5, relevance=scorer), vision_keep=0.5))
         return True
     except (ValueError, NotImplementedError):
         return False
@@ -80,7 +85,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=vc.models.names("vlm"))
     p.add_argument("--frames", nargs="+", type=int, default=[16, 64])
-    p.add_argument("--per-task", type=int, default=20, help="items per task at 16 frames (halved at 64+)")
+    p.add_argument("--per-task", type=int, default=20, help="items per task at 16 frames")
+    p.add_argument("--per-task-long", type=int, default=10, help="items per task at more than 16 frames")
     p.add_argument("--keeps", nargs="+", type=float, default=[0.5, 0.25, 0.1, 0.05])
     p.add_argument("--v2pe-frames", nargs="+", type=int, default=[64, 128])
     p.add_argument("--v2pe-deltas", nargs="+", type=float, default=[0.5, 0.25, 0.125])
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "fidelity"))
     args = p.parse_args(argv)
     if args.quick:
-        args.per_task, args.keeps, args.frames, args.v2pe_frames = 2, [0.25, 0.1], [16], [64]
+        args.per_task, args.per_task_long, args.keeps, args.frames, args.v2pe_frames = 2, 2, [0.25, 0.1], [16], [64]
     missing = [m for m in args.models if m not in vc.models.available()]
     if missing:
         print(f"shipped models not installed: {missing}; train them first (README)", file=sys.stderr)
@@ -100,11 +106,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     for name in args.models:
         model, processor = vc.models.load(name)
-        settings = _settings(args.keeps, _stage_a(model))
+        settings = _settings(args.keeps, _stage_a(model, scorer))
         if scorer is None:
             settings = [s for s in settings if "prompt" not in s]
         for frames in args.frames:
-            per_task = args.per_task if frames <= 16 else max(2, args.per_task // 2)
+            per_task = args.per_task if frames <= 16 else args.per_task_long
             items = synthetic_items(per_task=per_task, frames=frames)
             result = evaluate(model, processor, items, settings, scorer=scorer, batch_size=args.batch_size,
                               max_new_tokens=3, progress=True)
@@ -114,7 +120,7 @@ def main(argv=None) -> int:
                   flush=True)
         if model.config.model_type == "llava_onevision":  # trained with the V2PE δ-mix
             for frames in args.v2pe_frames:
-                items = synthetic_items(per_task=max(2, args.per_task // 2), frames=frames)
+                items = synthetic_items(per_task=args.per_task_long, frames=frames)
                 result = evaluate(model, processor, items, [f"v2pe@{d:g}" for d in args.v2pe_deltas],
                                   batch_size=max(1, args.batch_size // 2), max_new_tokens=3, progress=True)
                 result.write(args.out, stem=f"{name}-v2pe-{frames}f")
