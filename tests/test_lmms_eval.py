@@ -214,20 +214,25 @@ def test_lmms_eval_command_line_end_to_end(pretrained, task_dir, tmp_path):
     assert len(found) == 1, f"lmms-eval wrote {found}; its log:\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
     (results_file,) = found
     results = json.loads(results_file.read_text())["results"]
+    # lmms-eval 0.7 logs each sample as {"doc_id", "target", "filtered_resps", ...}, one file per task.
+    by_task = {t: [it for it in jsonl_items(task_dir / f"{t}.jsonl", frames=FRAMES)] for t in TASKS}
     samples = {}
     for f in out.rglob("*samples_*.jsonl"):
+        task = f.stem.rsplit("vlmc_synth_", 1)[1]
         for line in f.read_text().splitlines():
             s = json.loads(line)
-            samples[s["doc"]["id"]] = s
+            item = by_task[task][s["doc_id"]]
+            assert s["target"] == item.answers[0]
+            samples[item.id] = s
     assert len(samples) == len(TASKS) * PER_TASK             # every doc answered, once
-    assert all(isinstance(s["resps"][0][0], str) for s in samples.values())
+    resp = {k: s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0]
+            for k, s in samples.items()}
 
     model, processor = load(pretrained, device="cpu")
-    items = [it for t in TASKS for it in jsonl_items(task_dir / f"{t}.jsonl", frames=FRAMES)]
+    items = [it for t in TASKS for it in by_task[t]]
     result = vc.evaluate(model, processor, items, ["uniform-pool@0.25"], max_new_tokens=4, batch_size=1)
     want = {r["item"]: r for r in result.records if r["setting"] == "uniform-pool@0.25"}
-    assert {k: normalise_answer(s["resps"][0][0]) for k, s in samples.items()} == \
-        {k: r["answer"] for k, r in want.items()}
+    assert {k: normalise_answer(v) for k, v in resp.items()} == {k: r["answer"] for k, r in want.items()}
     for t in TASKS:
         correct = [r["correct"] for r in want.values() if r["task"] == t]
         assert results[f"vlmc_synth_{t}"]["exact_match,none"] == pytest.approx(sum(correct) / len(correct))
