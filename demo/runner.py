@@ -167,15 +167,8 @@ def ask(model, processor, frames: np.ndarray, question: str, *, fps: float,
 
 # ------------------------------------------------------------------------------ streaming, measured
 
-def vision_module(model):
-    """The vision tower of a loaded VLM (``vision_tower`` in the LLaVA/InternVL families, ``visual`` in
-    Qwen-VL), or None."""
-    for owner in (getattr(model, "model", None), model):
-        for name in ("vision_tower", "visual", "vision_model"):
-            tower = getattr(owner, name, None) if owner is not None else None
-            if tower is not None:
-                return tower
-    return None
+# One definition of where a VLM keeps its tower, shared with vlmcompress.evaluate's stage timing.
+from vlmcompress.evaluation.measure import vision_module  # noqa: E402
 
 
 def language_module(model):

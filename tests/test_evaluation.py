@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 
-import vlmcompress as vc
 from vlmcompress.evaluation import (DatasetError, EvalItem, evaluate, jsonl_items, parse_setting, synthetic_items)
 from vlmcompress.evaluation.cli import main as eval_main
 from vlmcompress.testing.tiny_models import tiny_model_and_processor

@@ -1,7 +1,6 @@
 """`evaluate`: every setting on the same items, compared with the unpatched model in the same process."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -127,8 +126,11 @@ def evaluate(model, processor, dataset: Iterable[EvalItem], settings: Sequence, 
         progress: show a tqdm bar (or a callable taking the number of items done).
 
     Returns:
-        :class:`EvalResult` (``.summary`` rows, ``.table()``, ``.write(folder)``).
+        :class:`EvalResult` (``.summary`` rows, ``.table()``, ``.write(folder)``). The model is left
+        unpatched.
     """
+    import vlmcompress as vc
+
     items = list(dataset)
     if not items:
         raise ValueError("dataset holds no items")
@@ -167,6 +169,8 @@ def evaluate(model, processor, dataset: Iterable[EvalItem], settings: Sequence, 
     finally:
         if bar is not None:
             bar.close()
+        if vc.is_patched(model):  # an error mid-setting must not leave the caller's model patched
+            vc.unpatch(model)
     reference = {r["item"]: r for r in records if r["setting"] == "none"}
     for r in records:
         ref = reference[r["item"]]
@@ -177,6 +181,3 @@ def evaluate(model, processor, dataset: Iterable[EvalItem], settings: Sequence, 
         r.pop("_logp")
     return EvalResult(records, model_name=getattr(model.config, "_name_or_path", "") or model.config.model_type)
 
-
-def _nan_to_none(x):
-    return None if isinstance(x, float) and math.isnan(x) else x

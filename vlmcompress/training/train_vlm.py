@@ -30,13 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..synthetic import SCENE_TASKS, TASKS, make_sample, make_scene, scene_seed
+from ..synthetic import TASKS, make_sample, make_scene, scene_seed
 from .build import DESCRIBE, FAMILIES, seeing_model, seeing_processor
 
-__all__ = ["TrainSettings", "train", "export", "main", "answer_accuracy"]
+__all__ = ["train", "export", "main", "answer_accuracy", "v2pe_positions"]
 
 V2PE_DELTAS = (1.0, 0.5, 0.25, 0.125, 0.0625)
 # Two kinds of batch. Spatial scenes (an object scene carries four questions; counting) need few frames,
@@ -46,10 +45,6 @@ _GROUPS = {
     "spatial": dict(p=0.7, kinds={"object": 0.65, "count": 0.35}),   # frames: --spatial-frames
     "temporal": dict(p=0.3, kinds={"needle": 0.5, "order": 0.5}),    # frames: 8 .. --max-frames
 }
-
-
-class TrainSettings(argparse.Namespace):
-    pass
 
 
 def _frames_choices(group: str, max_frames: int, spatial=(4, 6, 8)) -> list[int]:
