@@ -79,13 +79,17 @@ class QwenVLAdapter(FamilyAdapter):
         self._vision = None
         super().uninstall()
 
-    def _merged(self, modality: str, kwargs: dict):
-        """Stage-A encode: the merging run of the tower, the grids queued for ``grid_to_positions``."""
-        pixels = kwargs[self.trigger_keys[modality]]
+    def _pixels_and_grid(self, modality: str, kwargs: dict):
+        """The item pixels and their ``*_grid_thw`` from the processor outputs (both are needed)."""
         grid_thw = kwargs.get(self._grid_key[modality])
         if grid_thw is None:
             raise ValueError(f"{type(self.model).__name__} needs {self._grid_key[modality]} next to "
                              f"{self.trigger_keys[modality]}: pass the processor outputs unchanged")
+        return kwargs[self.trigger_keys[modality]], grid_thw
+
+    def _merged(self, modality: str, kwargs: dict):
+        """Stage-A encode: the merging run of the tower, the grids queued for ``grid_to_positions``."""
+        pixels, grid_thw = self._pixels_and_grid(modality, kwargs)
         out = self._vision(pixels, grid_thw)
         self._pending_grids = list(self.token_grids(grid_thw))
         return out
@@ -123,11 +127,7 @@ class QwenVLAdapter(FamilyAdapter):
 
     # --- encoding ----------------------------------------------------------------------------
     def _features(self, modality: str, kwargs: dict):
-        pixels = kwargs[self.trigger_keys[modality]]
-        grid_thw = kwargs.get(self._grid_key[modality])
-        if grid_thw is None:
-            raise ValueError(f"{type(self.model).__name__} needs {self._grid_key[modality]} next to "
-                             f"{self.trigger_keys[modality]}: pass the processor outputs unchanged")
+        pixels, grid_thw = self._pixels_and_grid(modality, kwargs)
         fn = self.base.get_image_features if modality == "image" else self.base.get_video_features
         return fn(pixels, grid_thw, return_dict=True), grid_thw
 

@@ -43,7 +43,6 @@ import argparse
 import datetime as dt
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcompress.testing.bench import append_csv, machine as _machine, mallopt as _mallopt, status_kb as _status_kb
+from vlmcompress.testing.bench import append_csv, load_average, log
+from vlmcompress.testing.bench import machine as _machine, mallopt as _mallopt, status_kb as _status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.csv"
 FIELDS = ["date", "machine", "cpus", "threads", "torch", "transformers", "load_start", "load_end", "family",
@@ -319,23 +319,12 @@ def inputs_for_question(processor, sample) -> dict:
 
 # --- main ---------------------------------------------------------------------------------------------------
 
-def _load() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return ""
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run_family(family: str, args, common: dict) -> list[dict]:
     import vlmcompress as vc  # noqa: F401  (registers nothing; imported for the adapters)
 
     t0 = time.perf_counter()
     model, processor = build(family, args)
-    _log(f"{family}: model built in {time.perf_counter() - t0:.0f} s")
+    log(f"{family}: model built in {time.perf_counter() - t0:.0f} s")
     side = SIGLIP["image_size"] if family == "onevision" else args.qwen_side
     rows = []
     for frames in args.frames:
@@ -348,16 +337,16 @@ def run_family(family: str, args, common: dict) -> list[dict]:
             try:
                 first, peak = measure_memory(lambda: request(model, inputs, config, processor))
             except Exception as e:     # a setting this family does not take: say so in the table
-                _log(f"{family} {frames} frames {s.name}: not measured: {type(e).__name__}: {e}")
+                log(f"{family} {frames} frames {s.name}: not measured: {type(e).__name__}: {e}")
                 rows.append(dict(common, family=family, frames=frames, setting=s.name,
                                  note=f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
                 continue
             cases.append(dict(setting=s, config=config, runs=[], peak=peak, first=first))
-            _log(f"{family} {frames} frames {s.name}: cold {first['e2e_s']:.1f} s (vision {first['vision_s']:.1f})")
+            log(f"{family} {frames} frames {s.name}: cold {first['e2e_s']:.1f} s (vision {first['vision_s']:.1f})")
         for i in range(args.rounds):
             for case in (cases if i % 2 == 0 else cases[::-1]):
                 case["runs"].append(request(model, inputs, case["config"], processor))
-            _log(f"{family} {frames} frames: round {i + 1}/{args.rounds}, load {_load()}")
+            log(f"{family} {frames} frames: round {i + 1}/{args.rounds}, load {load_average()}")
         base = None
         grid = inputs.get("video_grid_thw")
         for case in cases:
@@ -450,12 +439,12 @@ def main(argv=None) -> int:
 
     common = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine=_machine(),
                   cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                  transformers=transformers.__version__, load_start=_load(), load_end="")
+                  transformers=transformers.__version__, load_start=load_average(), load_end="")
     # Each family's rows are printed and stored as soon as it is done: a run cut short keeps what it measured.
     for family in args.family:
         rows = run_family(family, args, common)
         for r in rows:
-            r["load_end"] = _load()
+            r["load_end"] = load_average()
             r.pop("_e2e", None)
         print_table(rows, args)
         if not args.no_csv and not args.quick:

@@ -62,14 +62,14 @@ import argparse
 import datetime as dt
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from vlmcompress.testing.bench import append_csv, machine as _machine, mallopt as _mallopt, status_kb as _status_kb
+from vlmcompress.testing.bench import append_csv, load_average, log
+from vlmcompress.testing.bench import machine as _machine, mallopt as _mallopt, status_kb as _status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefill.csv"
 FIELDS = ["date", "machine", "cpus", "threads", "torch", "transformers", "load_start", "load_end", "dtype",
@@ -255,17 +255,6 @@ class CompressionStep:
 # --- main ---------------------------------------------------------------------------------------------
 
 
-def _load() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return ""
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=8, help="video frames (LLaVA-OV samples 8-32)")
@@ -284,7 +273,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.vision_layers, args.llm_layers, args.repeats, args.round_seconds = 2, 2, 2, 0.3
-    load_start = _load()
+    load_start = load_average()
 
     import transformers
 
@@ -296,7 +285,7 @@ def main(argv=None) -> int:
     weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2 ** 20
     inputs = video_inputs(processor, args.frames, getattr(torch, args.dtype))
     text_cfg = model.config.get_text_config()
-    _log(f"model built in {time.perf_counter() - t0:.0f} s ({weights_mb:.0f} MB of weights); "
+    log(f"model built in {time.perf_counter() - t0:.0f} s ({weights_mb:.0f} MB of weights); "
          f"prefill {inputs['input_ids'].shape[1]} tokens; load {load_start}")
 
     adapter = adapter_for(model)
@@ -315,7 +304,7 @@ def main(argv=None) -> int:
             finally:
                 adapter.uninstall()
             visions[key] = dict(encoded=encoded, peak=peak, times=[cold], encode=encode, config=config)
-            _log(f"vision tower + projector (vision_keep={key}): {cold:.1f} s, +{peak:.0f} MB")
+            log(f"vision tower + projector (vision_keep={key}): {cold:.1f} s, +{peak:.0f} MB")
         return visions[key]
 
     # Pass 1, per setting: the encoder output, the compressed inputs, a cold prefill (memory, warm-up).
@@ -330,7 +319,7 @@ def main(argv=None) -> int:
             (new_kwargs, report), row["compression_peak_mb"], _ = measure_memory(lambda: step(record=False))
         except Exception as e:                          # e.g. stage A not wired for this family (yet)
             row["note"] = f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            _log(f"{s.name}: {row['note']}")
+            log(f"{s.name}: {row['note']}")
             continue
 
         def prefill(kw=new_kwargs):
@@ -347,7 +336,7 @@ def main(argv=None) -> int:
         # Short prefills run several times per round: noise (other processes) hurts them most.
         per_round = min(4, max(1, round(args.round_seconds / max(cold, 1e-3))))
         cases.append(dict(row=row, step=step, prefill=prefill, vision=vis, per_round=per_round, walls=[], cpus=[]))
-        _log(f"{s.name}: {row['prefill_after']} prefill tokens, cold prefill {cold:.1f} s")
+        log(f"{s.name}: {row['prefill_after']} prefill tokens, cold prefill {cold:.1f} s")
 
     # Pass 2: timed rounds over all settings (alternating direction), so a change in the load of this
     # shared machine hits every setting alike instead of whichever setting happened to run then.
@@ -369,7 +358,7 @@ def main(argv=None) -> int:
                 case["prefill"]()
                 case["walls"].append(time.perf_counter() - w0)
                 case["cpus"].append(time.process_time() - c0)
-        _log(f"round {i + 1}/{args.repeats} done, load {_load()}")
+        log(f"round {i + 1}/{args.repeats} done, load {load_average()}")
 
     baseline = None
     for case in cases:
@@ -392,7 +381,7 @@ def main(argv=None) -> int:
                         / prefill_flops(row["prefill_after"], text_cfg, args.vocab))
         row["efficiency"] = row["speedup"] / row["ideal"]
 
-    load_end = _load()
+    load_end = load_average()
     common = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine=_machine(),
                   cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                   transformers=transformers.__version__, load_start=load_start, load_end=load_end,

@@ -15,3 +15,13 @@ def test_append_csv_writes_the_header_once(tmp_path):
 def test_machine_and_memory_counters():
     assert machine("cpu").strip()
     assert 0 < status_kb("VmRSS") <= status_kb("VmHWM")
+
+
+def test_load_average_and_log(capsys):
+    from vlmcompress.testing.bench import load_average, log
+
+    parts = load_average().split("/")
+    assert len(parts) == 3 and all(float(p) >= 0 for p in parts)
+    log("progress line")
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "progress line\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -64,3 +65,17 @@ def append_csv(path, fields: list[str], rows) -> int:
             writer.writeheader()
         writer.writerows(rows)
     return len(rows)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages as ``"a/b/c"`` (empty where the OS has none): printed beside
+    timings, since a loaded machine is what makes two runs of one benchmark disagree."""
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return ""
+
+
+def log(msg: str) -> None:
+    """Progress lines go to stderr, so stdout holds only the table."""
+    print(msg, file=sys.stderr, flush=True)
