@@ -97,8 +97,6 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
             state = _initial_state(adapter, enc, i, orig)
             state = _to_new_layout(state, offset[row, c], dims, config.v2pe_delta)
             tail = int(enc.keep_tail[i]) if enc.keep_tail is not None else 0
-            if tail and enc.states is not None and enc.states[i] is not None:
-                raise ValueError(f"{modality} {i}: keep_tail together with a merging vision tower is not supported")
             state, widths = _append_extras(state, enc, i, modality)
             skips = getattr(enc, "frame_skips", None)
             item = _Item(modality, row, c, state, enc.grids[i], tail=tail, extra_widths=widths,

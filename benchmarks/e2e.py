@@ -20,8 +20,8 @@ so consecutive frames repeat and frame skipping has something to skip; with 2-fr
 every other Qwen temporal patch repeats its predecessor).
 
 Settings (per family): unpatched; each stage alone: A (``vision_keep=0.5``), frame skipping
-(``FrameSkip(threshold=0.05)``: before the tower on Qwen; on LLaVA-OV as a stage-B plan, which saves LLM
-time only, the adapter does not skip before the tower), B (pooling to 10 % of the tokens); and the
+(``FrameSkip(threshold=0.05)``, before the tower: per frame on LLaVA-OV, per temporal patch on Qwen), B
+(pooling to 10 % of the tokens); and the
 combinations. Every run is one ``model.generate(max_new_tokens=32, min_new_tokens=32, greedy)``:
 
     vision s    the encoder (``adapter.encode`` patched / ``get_video_features`` unpatched), timed inside the call
@@ -88,6 +88,7 @@ def settings(family: str) -> list[Setting]:
 
     skip = FrameSkip(threshold=0.05)
     pool = PromptGuidedPool(keep_ratio=0.1)
+    pool25 = PromptGuidedPool(keep_ratio=0.25)
     return [
         Setting("unpatched", None),
         Setting("A: vision_keep 0.5", lambda: C(vision_keep=0.5), stage_a=True),
@@ -95,6 +96,8 @@ def settings(family: str) -> list[Setting]:
         Setting("B: pool 0.1", lambda: C.from_steps(pool)),
         Setting("skip + B 0.1", lambda: C.from_steps(skip, pool)),
         Setting("A 0.5 + skip + B 0.1", lambda: C.from_steps(skip, pool, vision_keep=0.5), stage_a=True),
+        Setting("A 0.5 + skip + B 0.25", lambda: C.from_steps(skip, pool25, vision_keep=0.5), stage_a=True),
+        Setting("skip + B 0.25", lambda: C.from_steps(skip, pool25)),
     ]
 
 

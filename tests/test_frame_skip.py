@@ -197,3 +197,101 @@ def test_step_falls_back_to_tokens_when_frames_cannot_be_recovered():
     state = TokenState.from_features(torch.cat([frame, frame, torch.randn(1, 2, 4)], 1), grid, track_source=True)
     out, new_grid = apply_steps(state, grid, [FrameSkip(threshold=0.0)], StepContext(frames=no_frames))
     assert new_grid == (2, 1, 2) and out.size[0].tolist() == [2.0, 2.0, 1.0, 1.0]
+
+
+# --- LLaVA-OneVision: skipping before the tower ----------------------------------------------------
+def _onevision_skip_run(config, clip, question="What is shown?"):
+    from vlmcompress.adapters import patch, unpatch
+    from vlmcompress.testing.adapter_checks import cached_model, cached_processor, chat_inputs
+
+    model, processor = cached_model("llava_onevision"), cached_processor("llava_onevision")
+    inputs = chat_inputs(processor, [([("video", clip)], question)])
+    frames_seen = []
+    hook = model.model.vision_tower.register_forward_hook(
+        lambda m, args, out: frames_seen.append(out.last_hidden_state.shape[0]))
+    patch(model, config)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+        report = model.vlmcompress.report
+        skips = list(model.vlmcompress.adapter.frame_skips)
+    finally:
+        hook.remove()
+        unpatch(model)
+    return logits, report, skips, frames_seen
+
+
+def test_onevision_skips_frames_before_the_tower():
+    clip = _frames("aaabbbcc", size=(40, 48)).numpy()
+    logits, report, skips, frames_seen = _onevision_skip_run(CompressionConfig.from_steps(FrameSkip(threshold=0.0)), clip)
+    assert skips[0].kept == [0, 3, 6] and frames_seen == [3]          # the tower saw three frames of eight
+    item = report.items[0]
+    per_frame = (item.placeholders - 1) // 8
+    assert item.after_vision == 3 * per_frame + 1                    # kept frames + the newline token
+    assert item.skipped_frames == [1, 2, 4, 5, 7]
+    assert float(item.size.sum()) == item.placeholders               # skipped tokens count as merged
+    assert item.size[-1] == 1.0 and torch.isfinite(logits).all()
+
+    # The same plan made after the tower (FrameSkip second, behind an identity step) sees identical
+    # frames encode identically, so skipping first changes nothing but the tower's work.
+    from vlmcompress.steps import UniformPool
+
+    after, report2, skips2, seen2 = _onevision_skip_run(
+        CompressionConfig.from_steps(UniformPool(keep_ratio=1.0), FrameSkip(threshold=0.0)), clip)
+    assert skips2 == [] and seen2 == [8]
+    assert report2.items[0].after_compress == item.after_compress
+    torch.testing.assert_close(logits, after, rtol=1e-4, atol=1e-4)
+
+
+def test_onevision_static_video_answer_of_the_trained_model_is_unchanged():
+    """A static video encodes one frame, and synth-onevision answers as it does on the full video."""
+    import numpy as np
+
+    import vlmcompress as vc
+    from vlmcompress.evaluation import EvalItem, evaluate
+    from vlmcompress.synthetic import make_sample
+
+    model, processor = vc.models.load("synth-onevision")
+    items = []
+    for i in range(4):
+        s = make_sample("count", 300 + i, frames=8)
+        items.append(EvalItem(id=f"static-{i}", task="count", question=s.question, answers=(s.answer,),
+                              frames=np.repeat(s.frames[:1], 8, axis=0)))
+    result = evaluate(model, processor, items, [("skip", CompressionConfig.from_steps(FrameSkip(threshold=0.0)))],
+                      batch_size=4)
+    for r in (r for r in result.records if r["setting"] == "skip"):
+        assert r["visual_after"] == (r["visual_before"] - 1) // 8 + 1   # one frame of 8, plus the newline
+        assert r["agree"], r
+
+
+def test_onevision_skip_with_stage_a_and_relevance_pooling():
+    """Skipping first, then stage A in the tower and relevance-weighted pooling on the kept frames
+    (the scorer is handed the kept frames, so relevance and tokens describe the same frames)."""
+    import vlmcompress as vc
+    from vlmcompress.synthetic import make_sample
+
+    model, processor = vc.models.load("synth-onevision")
+    scorer = vc.models.relevance_scorer()
+    calls = []
+    score = scorer.score
+    scorer.score = lambda q, frames, grid: calls.append((len(frames), tuple(grid))) or score(q, frames, grid)
+    s = make_sample("needle", 5, frames=16)
+    video = s.frames.copy()
+    video[8:] = video[8]                       # the second half still: one kept frame stands for eight
+    inputs = processor.apply_chat_template(
+        [[{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": s.question}]}]],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    config = CompressionConfig.from_steps(FrameSkip(threshold=0.0), PromptGuidedPool(keep_ratio=0.1, relevance=scorer),
+                                          vision_keep=0.5)
+    vc.patch(model, config, processor=processor)
+    try:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        report = model.vlmcompress.report
+        kept = model.vlmcompress.adapter.frame_skips[0].kept
+    finally:
+        vc.unpatch(model)
+    assert kept == list(range(9)) and calls == [(9, (9, 4, 4))]    # camera noise keeps the moving half
+    item = report.items[0]
+    assert float(item.size.sum()) == item.placeholders
+    assert item.after_compress <= 0.1 * (item.placeholders - 1) + 1
+    assert out.shape[1] > inputs["input_ids"].shape[1]

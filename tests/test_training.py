@@ -48,6 +48,9 @@ def test_train_resume_and_export(family, tmp_path):
     assert train_vlm.main(common + ["--steps", "2"]) == 0
     log = json.loads((run / "checkpoint" / "train_log.json").read_text())
     assert [e["step"] for e in log] == [1, 2] and all(np.isfinite(e["loss"]) for e in log)
+    assert any("scene" in e for e in log)  # the LLM-level direction/count head is trained by default
+    state = torch.load(run / "checkpoint" / "train_state.pt", weights_only=False)
+    assert {"aux", "aux_position", "scene"} <= set(state)   # every head resumes with the model
     assert train_vlm.main(common + ["--steps", "3", "--resume"]) == 0  # continues at step 3, evaluates at the end
     log = json.loads((run / "checkpoint" / "train_log.json").read_text())
     assert [e["step"] for e in log] == [1, 2, 3] and set(log[-1]["acc"]) == set(ANSWERS)
@@ -62,6 +65,16 @@ def test_train_resume_and_export(family, tmp_path):
     processor = AutoProcessor.from_pretrained(dest, local_files_only=True)
     acc = train_vlm.answer_accuracy(model, processor, per_task=1, frames=4, tasks=("colour",))
     assert set(acc) == {"colour"} and 0.0 <= acc["colour"] <= 1.0
+
+    # Fine-tuning from that run (--init): new schedule, the chain of commands and times is exported.
+    tuned = tmp_path / "tuned"
+    assert train_vlm.main(["--family", family, "--out", str(tuned), "--init", str(run), "--batch", "2",
+                           "--steps", "1", "--eval-every", "100", "--eval-per-task", "1", "--max-frames", "8"]) == 0
+    log = json.loads((tuned / "checkpoint" / "train_log.json").read_text())
+    assert [e["step"] for e in log] == [1]
+    info = json.loads((train_vlm.export(tuned, "synth-tuned", "cmd2", root=tmp_path / "models") / "training.json").read_text())
+    assert info["init_from"]["steps"] == 3 and "--init" not in (info["init_from"]["command"] or "")
+    assert info["total_wall_minutes_with_init_runs"] >= info["wall_minutes"]
 
 
 def test_clip_training_and_scorer(tmp_path):
@@ -105,3 +118,28 @@ def test_aux_cell_labels_mark_what_is_drawn():
     k = n.facts["needle_frame"]
     assert (cell_labels(n, k, 4)["colour"] > 0).sum() == 4            # a 32-px marker covers 2×2 16-px cells
     assert all((cell_labels(n, t, 4)["colour"] == 0).all() for t in range(6) if t != k)
+
+
+def test_scene_token_labels_follow_the_object_and_the_count():
+    from vlmcompress.synthetic import DIRECTIONS, make_scene
+    from vlmcompress.training.aux_scene import scene_token_labels
+
+    for seed in range(6):
+        s = make_scene("object", seed, frames=8)
+        d, c = scene_token_labels(s, 1)
+        assert d.shape == (8 * 16,) and (c == -100).all()
+        marked = d.view(8, 16) >= 0
+        assert not marked[:4].any() and marked[4:].any(1).all()      # second half only, every such frame
+        assert (d[d >= 0] == DIRECTIONS.index(s.facts["direction"])).all()
+        for t in range(4, 8):                                       # the marked cells hold the object
+            y, x, h, w = s.facts["object_boxes"][t]
+            for cell in marked[t].nonzero().squeeze(1).tolist():
+                i, j = divmod(cell, 4)
+                assert y < (i + 1) * 16 and i * 16 < y + h and x < (j + 1) * 16 and j * 16 < x + w
+        q, _ = scene_token_labels(s, 2)                             # Qwen: 4 slots of 2 frames
+        assert q.shape == (4 * 16,) and not (q.view(4, 16)[:1] >= 0).any()
+    n = make_scene("count", 2, frames=4)
+    d, c = scene_token_labels(n, 2)
+    want = ["one", "two", "three", "four", "five"].index(n.facts["count"])
+    assert (d == -100).all() and (c[:16] == -100).all() and (c[16:] == want).all()
+    assert (scene_token_labels(make_scene("needle", 0, frames=4), 1)[0] == -100).all()

@@ -156,13 +156,15 @@ def answer_accuracy(model, processor, *, per_task: int = 16, frames: int = 16, t
     return out
 
 
-def _save(folder: Path, model, processor, opt, sched, step: int, log: list, aux=None) -> None:
+def _save(folder: Path, model, processor, opt, sched, step: int, log: list, aux=None, scene=None) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    extra = {} if aux is None else {"aux": aux.head.state_dict()}
+    extra = dict(aux.state_dict()) if aux is not None else {}
+    if scene is not None:
+        extra["scene"] = scene.head.state_dict()
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
                 "torch_rng": torch.get_rng_state(), **extra}, tmp / "train_state.pt")
     (tmp / "train_log.json").write_text(json.dumps(log))
@@ -180,11 +182,15 @@ def train(args) -> Path:
     ckpt = out / "checkpoint"
     out.mkdir(parents=True, exist_ok=True)
     processor = seeing_processor(args.family)
-    start, log = 0, []
+    start, log, init_state = 0, [], {}
     if args.resume and (ckpt / "train_state.pt").is_file():
         model = AutoModelForImageTextToText.from_pretrained(ckpt, local_files_only=True)
         state = torch.load(ckpt / "train_state.pt", weights_only=False)
         start, log = state["step"], json.loads((ckpt / "train_log.json").read_text())
+    elif args.init:  # weights (and auxiliary heads) only: a fresh optimiser and schedule
+        model = AutoModelForImageTextToText.from_pretrained(_checkpoint(args.init), local_files_only=True)
+        init_state = torch.load(_checkpoint(args.init) / "train_state.pt", weights_only=False)
+        state = None
     else:
         model = seeing_model(args.family, seed=args.seed)
         state = None
@@ -202,11 +208,18 @@ def train(args) -> Path:
 
     from .aux_labels import AuxHead
 
-    aux = AuxHead(model) if args.aux_weight > 0 else None
+    aux = AuxHead(model, position_weight=args.position_weight) if args.aux_weight > 0 else None
     if aux is not None:
-        if state is not None and "aux" in state:
-            aux.head.load_state_dict(state["aux"])
-        opt.add_param_group({"params": list(aux.head.parameters()), "weight_decay": 0.0})
+        aux.load_state_dict(state or init_state)
+        opt.add_param_group({"params": aux.parameters(), "weight_decay": 0.0})
+    from .aux_scene import SceneHead
+
+    scene = SceneHead(model, _visual_token_id(model)) if args.scene_weight > 0 else None
+    if scene is not None:
+        if "scene" in (state or init_state):
+            scene.head.load_state_dict((state or init_state)["scene"])
+        opt.add_param_group({"params": list(scene.head.parameters()), "weight_decay": 0.0})
+    heads = [h for h in (aux, scene) if h is not None]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     if state is not None:
         opt.load_state_dict(state["opt"])
@@ -227,14 +240,17 @@ def train(args) -> Path:
         if args.v2pe_mix:
             deltas = [rng.choice(V2PE_DELTAS) for _ in range(args.batch)]
             kwargs["position_ids"] = v2pe_positions(inputs["input_ids"], inputs["attention_mask"], visual_id, deltas)
-        if aux is not None:
-            aux.start()
+        for head in heads:
+            head.start()
         logits = model(**kwargs).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
         aux_loss = aux.loss(scenes) if aux is not None else None
         if aux_loss is not None:
             loss = loss + args.aux_weight * aux_loss
+        scene_loss = scene.loss(scenes, inputs["input_ids"]) if scene is not None else None
+        if scene_loss is not None:
+            loss = loss + args.scene_weight * scene_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -244,6 +260,8 @@ def train(args) -> Path:
                  "lr": round(sched.get_last_lr()[0], 7), "elapsed_s": round(time.time() - t0, 1)}
         if aux_loss is not None:
             entry["aux"] = round(aux_loss.item(), 4)
+        if scene_loss is not None:
+            entry["scene"] = round(scene_loss.item(), 4)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             entry["acc"] = answer_accuracy(model, processor, per_task=args.eval_per_task, frames=16)
             model.train()
@@ -251,8 +269,27 @@ def train(args) -> Path:
         if (step + 1) % 10 == 0 or "acc" in entry:
             print(json.dumps(entry), flush=True)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            _save(ckpt, model, processor, opt, sched, step + 1, log, aux)
+            _save(ckpt, model, processor, opt, sched, step + 1, log, aux, scene)
     return ckpt
+
+
+def _checkpoint(run: str | Path) -> Path:
+    """`run`'s checkpoint folder (`run` may be the run folder or the checkpoint itself)."""
+    run = Path(run)
+    return run / "checkpoint" if (run / "checkpoint").is_dir() else run
+
+
+def _run_summary(run: str | Path) -> dict:
+    """Command, steps and wall time of a finished run, and of the run it started from (``--init``)."""
+    ckpt = _checkpoint(run)
+    log = json.loads((ckpt / "train_log.json").read_text())
+    cmd = ckpt.parent / "command.txt"
+    info = {"command": cmd.read_text().strip() if cmd.is_file() else None, "steps": log[-1]["step"],
+            "wall_minutes": round(log[-1]["elapsed_s"] / 60, 1)}
+    parent = ckpt.parent / "init_from.json"
+    if parent.is_file():
+        info["init_from"] = json.loads(parent.read_text())
+    return info
 
 
 def export(checkpoint: str | Path, name: str, command: str | None = None, *, root: Path | None = None) -> Path:
@@ -260,9 +297,7 @@ def export(checkpoint: str | Path, name: str, command: str | None = None, *, roo
     with ``training.json``: the command, steps, wall time and the last held-out accuracies."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    checkpoint = Path(checkpoint)
-    if (checkpoint / "checkpoint").is_dir():
-        checkpoint = checkpoint / "checkpoint"
+    checkpoint = _checkpoint(checkpoint)
     dest = (root or Path(__file__).resolve().parents[1] / "models") / name
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True)
     processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
@@ -272,9 +307,14 @@ def export(checkpoint: str | Path, name: str, command: str | None = None, *, roo
     processor.save_pretrained(dest)
     log = json.loads((checkpoint / "train_log.json").read_text())
     evals = [e for e in log if "acc" in e]
+    summary = _run_summary(checkpoint)
+    total, run = 0.0, summary
+    while run:
+        total, run = total + run["wall_minutes"], run.get("init_from")
     info = {"name": name, "steps": log[-1]["step"], "wall_minutes": round(log[-1]["elapsed_s"] / 60, 1),
+            "total_wall_minutes_with_init_runs": round(total, 1), "init_from": summary.get("init_from"),
             "final_loss": log[-1]["loss"], "heldout_first_token_accuracy_16_frames": evals[-1]["acc"] if evals else None,
-            "command": command, "machine": "2-core Intel Xeon @ 2.50 GHz CPU, torch threads as in the command"}
+            "command": command, "machine": "2-core AMD EPYC CPU, torch threads as in the command"}
     (dest / "training.json").write_text(json.dumps(info, indent=2))
     return dest
 
@@ -293,6 +333,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--describe-p", type=float, default=0.3, help="probability of a caption turn per sample")
     p.add_argument("--v2pe-mix", action="store_true", help="draw V2PE δ per sample (LLaVA-OneVision)")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch auxiliary loss (0 = off)")
+    p.add_argument("--position-weight", type=float, default=1.0,
+                   help="weight of the per-patch row/column target inside the auxiliary loss (0 = off)")
+    p.add_argument("--scene-weight", type=float, default=1.0,
+                   help="weight of the LLM-level direction/count auxiliary loss (0 = off; see aux_scene)")
+    p.add_argument("--init", metavar="RUN", help="start from RUN's weights (a new schedule and optimiser: fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=200)
@@ -320,6 +365,8 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "command.txt").write_text("python -P -m vlmcompress.training.train_vlm " + " ".join(
         sys.argv[1:] if argv is None else argv))
+    if args.init and not (Path(args.out) / "init_from.json").exists():
+        (Path(args.out) / "init_from.json").write_text(json.dumps(_run_summary(args.init), indent=2))
     train(args)
     return 0
 

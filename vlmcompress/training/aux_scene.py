@@ -1,0 +1,110 @@
+"""Deep supervision inside the LLM: which way the object moves and how many shapes there are, read off
+the visual tokens' hidden states.
+
+Direction and count are relations between tokens (the object's place now against its places in earlier
+frames; distinct objects among many cells), so the answer loss alone has to grow a comparison circuit
+from one scalar per question; after 2,000 steps both shipped models still answered direction at chance.
+This head gives that circuit a dense target. A linear head on the output of the LLM's middle layer
+predicts, for
+
+- an *object* scene: at each visual token of the second half of the video whose cell the object
+  overlaps, the direction of motion (every earlier place of the object lies on the opposite side, so
+  one attention read over the earlier frames plus the token's own place answers it);
+- a *count* scene: at every visual token after the first frame (or temporal patch), the number of shapes
+  (the token can attend to a whole frame by then).
+
+Visual tokens are laid out frame by frame, 4×4 cells each (OneVision: the model's 2×2-pooled grid, then
+one newline token per video; Qwen2-VL: the merger's grid per pair of frames). Like :mod:`.aux_labels`,
+the head exists only during training; the shipped model is the plain HF model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..synthetic import DIRECTIONS
+
+__all__ = ["SceneHead", "scene_token_labels"]
+
+_COUNTS = 5
+_GRID = 4  # cells per side of a frame's (or frame pair's) visual tokens at 64-px frames
+
+
+def _overlaps(box, cell: int, step: float, min_frac: float = 0.25) -> bool:
+    y, x, h, w = box
+    i, j = divmod(cell, _GRID)
+    oy = max(0.0, min(y + h, (i + 1) * step) - max(y, i * step))
+    ox = max(0.0, min(x + w, (j + 1) * step) - max(x, j * step))
+    return oy * ox >= min_frac * step * step
+
+
+def scene_token_labels(scene, frames_per_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(direction, count)`` int64 targets, one per visual token of `scene` (``-100`` = no target).
+
+    `frames_per_slot` is 1 for OneVision and 2 for Qwen2-VL (temporal patch); a slot is the 4×4 grid of
+    tokens of one frame or one pair of frames. The trailing newline token of OneVision is not included.
+    """
+    t_count = scene.frames.shape[0]
+    slots = t_count // frames_per_slot
+    cells = _GRID * _GRID
+    step = scene.frames.shape[1] / _GRID
+    direction = torch.full((slots * cells,), -100, dtype=torch.long)
+    count = torch.full((slots * cells,), -100, dtype=torch.long)
+    f = scene.facts
+    if scene.kind == "object":
+        d = DIRECTIONS.index(f["direction"])
+        for s in range(slots):
+            frames = range(s * frames_per_slot, (s + 1) * frames_per_slot)
+            if frames[-1] < t_count // 2:
+                continue
+            for c in range(cells):
+                if any(_overlaps(f["object_boxes"][t], c, step) for t in frames):
+                    direction[s * cells + c] = d
+    elif scene.kind == "count" and slots > 1:
+        count[cells:] = int(["one", "two", "three", "four", "five"].index(f["count"]))
+    return direction, count
+
+
+class SceneHead:
+    """A linear head on the visual tokens' hidden states after the LLM's middle layer (forward hook)."""
+
+    def __init__(self, model, visual_token_id: int):
+        self.kind = model.config.model_type
+        if self.kind not in ("llava_onevision", "qwen2_vl"):
+            raise ValueError(f"no scene labels for {self.kind!r}")
+        layers = model.model.language_model.layers
+        width = model.config.get_text_config().hidden_size
+        self.head = torch.nn.Linear(width, len(DIRECTIONS) + _COUNTS)
+        self.visual_token_id = visual_token_id
+        self.captured = None
+        layers[len(layers) // 2].register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output):
+        if self.captured is None:
+            self.captured = output[0] if isinstance(output, tuple) else output
+
+    def start(self) -> None:
+        self.captured = None
+
+    def loss(self, scenes, input_ids: torch.Tensor) -> torch.Tensor | None:
+        hidden = self.captured
+        self.captured = None
+        if hidden is None:
+            return None
+        per_slot = 1 if self.kind == "llava_onevision" else 2
+        feats, dirs, counts = [], [], []
+        for b, scene in enumerate(scenes):
+            d, c = scene_token_labels(scene, per_slot)
+            where = (input_ids[b] == self.visual_token_id).nonzero().squeeze(1)[: d.shape[0]]
+            if where.shape[0] != d.shape[0]:
+                raise AssertionError(f"scene head: {where.shape[0]} visual tokens for {d.shape[0]} labels")
+            feats.append(hidden[b, where])
+            dirs.append(d)
+            counts.append(c)
+        logits = self.head(torch.cat(feats).float())
+        dirs, counts = torch.cat(dirs), torch.cat(counts)
+        total = logits.new_zeros(())
+        for part, target in ((logits[:, :len(DIRECTIONS)], dirs), (logits[:, len(DIRECTIONS):], counts)):
+            if (target >= 0).any():
+                total = total + F.cross_entropy(part, target, ignore_index=-100)
+        return total
