@@ -223,7 +223,6 @@ class QwenVisionMerge:
         if int(counts.sum()) != units0:
             raise RuntimeError(f"the tower's segments hold {int(counts.sum())} units but the input has {units0}; "
                                "this transformers version lays Qwen-VL patches out differently")
-        frame_ids = torch.repeat_interleave(torch.arange(len(seg_n0)), counts)   # segment of each unit
         pos = self._unit_positions(grid_thw, position_ids, hidden.device)[window_index]   # [U, 3] float64
         size = torch.ones(units0, dtype=torch.float32, device=hidden.device)
         # source: original (raster, item after item) unit -> packed unit

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import statistics
 import time
@@ -338,7 +339,7 @@ def run_family(family: str, args, common: dict) -> list[dict]:
                 continue
             config = s.make() if s.make is not None else None
             try:
-                first, peak = measure_memory(lambda: request(model, inputs, config, processor))
+                first, peak = measure_memory(functools.partial(request, model, inputs, config, processor))
             except Exception as e:     # a setting this family does not take: say so in the table
                 log(f"{family} {frames} frames {s.name}: not measured: {type(e).__name__}: {e}")
                 rows.append(dict(common, family=family, frames=frames, setting=s.name,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlmcompress.config import CompressionConfig
-from vlmcompress.frame_skip import (FrameSkip, expand_skipped, frame_proxy, patch_proxy, select_frames, skip_plan,
+from vlmcompress.frame_skip import (FrameSkip, expand_skipped, frame_proxy, select_frames, skip_plan,
                                     skipped_state)
 from vlmcompress.state import TokenState, grid_positions
 from vlmcompress.steps import PromptGuidedPool, StepContext, apply_steps

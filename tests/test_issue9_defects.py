@@ -3,7 +3,6 @@ written to fail on the code before its fix."""
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import numpy as np

@@ -14,7 +14,7 @@ from vlmcompress.plan import Plan
 from vlmcompress.pool import grid_for_budget, prompt_guided_pool
 from vlmcompress.state import TokenState
 from vlmcompress.steps import (MergeToBudget, PromptGuidedPool, RandomDrop, StepContext, TemporalMerge, UniformPool,
-                               apply_steps, pooled_count)
+                               apply_steps)
 from vlmcompress.testing.adapter_checks import cached_model, cached_processor, chat_inputs, generate_tokens
 
 

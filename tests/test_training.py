@@ -50,7 +50,7 @@ def test_train_resume_and_export(family, tmp_path):
     assert [e["step"] for e in log] == [1, 2] and all(np.isfinite(e["loss"]) for e in log)
     assert any("scene" in e for e in log)  # the LLM-level direction/count head is trained by default
     state = torch.load(run / "checkpoint" / "train_state.pt", weights_only=False)
-    assert {"aux", "aux_position", "scene"} <= set(state)   # every head resumes with the model
+    assert {"aux", "aux_position", "scene", "scene_shape"} <= set(state)   # every head resumes with the model
     assert train_vlm.main(common + ["--steps", "3", "--resume"]) == 0  # continues at step 3, evaluates at the end
     log = json.loads((run / "checkpoint" / "train_log.json").read_text())
     assert [e["step"] for e in log] == [1, 2, 3] and set(log[-1]["acc"]) == set(ANSWERS)
@@ -121,13 +121,23 @@ def test_aux_cell_labels_mark_what_is_drawn():
 
 
 def test_scene_token_labels_follow_the_object_and_the_count():
-    from vlmcompress.synthetic import DIRECTIONS, make_scene
+    from vlmcompress.synthetic import DIRECTIONS, SHAPES, make_scene
     from vlmcompress.training.aux_scene import scene_token_labels
+
+    def _over(box, cell):          # a quarter of the 16-px cell or more under the object
+        y, x, h, w = box
+        i, j = divmod(cell, 4)
+        oy = max(0, min(y + h, (i + 1) * 16) - max(y, i * 16))
+        ox = max(0, min(x + w, (j + 1) * 16) - max(x, j * 16))
+        return oy * ox >= 64
 
     for seed in range(6):
         s = make_scene("object", seed, frames=8)
-        d, c = scene_token_labels(s, 1)
+        d, c, sh = scene_token_labels(s, 1)
         assert d.shape == (8 * 16,) and (c == -100).all()
+        want = torch.tensor([_over(s.facts["object_boxes"][t], k) for t in range(8) for k in range(16)])
+        assert torch.equal(sh >= 0, want)                            # every frame, the cells under the object
+        assert (sh[sh >= 0] == SHAPES.index(s.facts["shape"])).all() and (sh.view(8, 16)[:4] >= 0).any(1).all()
         marked = d.view(8, 16) >= 0
         assert not marked[:4].any() and marked[4:].any(1).all()      # second half only, every such frame
         assert (d[d >= 0] == DIRECTIONS.index(s.facts["direction"])).all()
@@ -136,10 +146,10 @@ def test_scene_token_labels_follow_the_object_and_the_count():
             for cell in marked[t].nonzero().squeeze(1).tolist():
                 i, j = divmod(cell, 4)
                 assert y < (i + 1) * 16 and i * 16 < y + h and x < (j + 1) * 16 and j * 16 < x + w
-        q, _ = scene_token_labels(s, 2)                             # Qwen: 4 slots of 2 frames
+        q, _, _ = scene_token_labels(s, 2)                             # Qwen: 4 slots of 2 frames
         assert q.shape == (4 * 16,) and not (q.view(4, 16)[:1] >= 0).any()
     n = make_scene("count", 2, frames=4)
-    d, c = scene_token_labels(n, 2)
+    d, c, sh = scene_token_labels(n, 2)
     want = ["one", "two", "three", "four", "five"].index(n.facts["count"])
-    assert (d == -100).all() and (c[:16] == -100).all() and (c[16:] == want).all()
+    assert (d == -100).all() and (sh == -100).all() and (c[:16] == -100).all() and (c[16:] == want).all()
     assert (scene_token_labels(make_scene("needle", 0, frames=4), 1)[0] == -100).all()

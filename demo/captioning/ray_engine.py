@@ -54,7 +54,7 @@ def run_ray(job: Job, items: list[Item], *, emit, should_stop, address: str | No
         from .engine import ModelError
 
         raise ModelError("--engine ray needs Ray: pip install 'vlmcompress[ray]'") from err
-    from .engine import ModelError, check_device, load_model
+    from .engine import ModelError, check_device
 
     started = not ray.is_initialized()
     if started:

@@ -164,7 +164,7 @@ def _save(folder: Path, model, processor, opt, sched, step: int, log: list, aux=
     processor.save_pretrained(tmp)
     extra = dict(aux.state_dict()) if aux is not None else {}
     if scene is not None:
-        extra["scene"] = scene.head.state_dict()
+        extra.update(scene.state_dict())
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
                 "torch_rng": torch.get_rng_state(), **extra}, tmp / "train_state.pt")
     (tmp / "train_log.json").write_text(json.dumps(log))
@@ -214,11 +214,10 @@ def train(args) -> Path:
         opt.add_param_group({"params": aux.parameters(), "weight_decay": 0.0})
     from .aux_scene import SceneHead
 
-    scene = SceneHead(model, _visual_token_id(model)) if args.scene_weight > 0 else None
+    scene = SceneHead(model, _visual_token_id(model), shape_weight=args.shape_weight) if args.scene_weight > 0 else None
     if scene is not None:
-        if "scene" in (state or init_state):
-            scene.head.load_state_dict((state or init_state)["scene"])
-        opt.add_param_group({"params": list(scene.head.parameters()), "weight_decay": 0.0})
+        scene.load_state_dict(state or init_state)
+        opt.add_param_group({"params": scene.parameters(), "weight_decay": 0.0})
     heads = [h for h in (aux, scene) if h is not None]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     if state is not None:
@@ -337,6 +336,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of the per-patch row/column target inside the auxiliary loss (0 = off)")
     p.add_argument("--scene-weight", type=float, default=1.0,
                    help="weight of the LLM-level direction/count auxiliary loss (0 = off; see aux_scene)")
+    p.add_argument("--shape-weight", type=float, default=1.0,
+                   help="weight of the object's shape at its visual tokens inside the scene loss (0 = off)")
     p.add_argument("--init", metavar="RUN", help="start from RUN's weights (a new schedule and optimiser: fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
