@@ -151,5 +151,5 @@ def test_scene_token_labels_follow_the_object_and_the_count():
     n = make_scene("count", 2, frames=4)
     d, c, sh = scene_token_labels(n, 2)
     want = ["one", "two", "three", "four", "five"].index(n.facts["count"])
-    assert (d == -100).all() and (sh == -100).all() and (c[:16] == -100).all() and (c[16:] == want).all()
+    assert (d == -100).all() and (sh == -100).all() and (c[:15] == -100).all() and (c[15:] == want).all()
     assert (scene_token_labels(make_scene("needle", 0, frames=4), 1)[0] == -100).all()

@@ -10,8 +10,8 @@ predicts, for
 - an *object* scene: at each visual token of the second half of the video whose cell the object
   overlaps, the direction of motion (every earlier place of the object lies on the opposite side, so
   one attention read over the earlier frames plus the token's own place answers it);
-- a *count* scene: at every visual token after the first frame (or temporal patch), the number of shapes
-  (the token can attend to a whole frame by then);
+- a *count* scene: at the last token of the first frame (or temporal patch) and every token after it,
+  the number of shapes (each of them can attend to a whole frame);
 - an *object* scene, every frame: at the tokens the object overlaps, its shape. The Qwen2-VL tower knew
   the shape (a probe voting over the object's cells: 83 %) while the answers stayed near 55 %: the LLM
   did not read it out of the partial views that four 16-px cells give of a 16-px shape.
@@ -64,8 +64,10 @@ def scene_token_labels(scene, frames_per_slot: int) -> tuple[torch.Tensor, torch
                     shape[s * cells + c] = SHAPES.index(f["shape"])
                     if frames[-1] >= t_count // 2:
                         direction[s * cells + c] = d
-    elif scene.kind == "count" and slots > 1:
-        count[cells:] = int(["one", "two", "three", "four", "five"].index(f["count"]))
+    elif scene.kind == "count":
+        # The last token of the first slot is the first to have seen a whole frame; a video merged or
+        # skipped down to one slot (a static scene) has only that one.
+        count[cells - 1:] = int(["one", "two", "three", "four", "five"].index(f["count"]))
     return direction, count, shape
 
 
