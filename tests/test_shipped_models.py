@@ -30,10 +30,10 @@ def test_models_ship_with_their_training_record():
         assert info["command"] and info["steps"] > 0
 
 
-# What the shipped models reach on held-out items (README, "Models that see"). The bar is 95 %
-# on every task; colour, needle, digit and order reach it; shape and count are above chance but below it;
-# direction is at chance for both models (the known gap, see the README): it is not asserted here.
-LEARNED = {"colour": 0.9, "needle": 0.9, "digit": 0.9, "order": 0.9, "shape": 0.5, "count": 0.5}
+# What the shipped models reach on held-out items (README, "Models that see": 48 items per task, 16
+# frames: 0.90-1.00 on every task). The bar is 95 %; shape (0.90 / 0.92) and OneVision's count
+# (0.94) are just under it. Here: 4 fixed unseen items per task, so a bar is a number of hits.
+LEARNED = {"colour": 0.9, "needle": 0.9, "digit": 0.9, "order": 0.9, "direction": 0.9, "shape": 0.75, "count": 0.75}
 
 
 def test_sees_the_held_out_split(shipped):
