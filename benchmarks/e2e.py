@@ -96,6 +96,7 @@ def settings(family: str) -> list[Setting]:
         Setting("skip: FrameSkip 0.05", lambda: C.from_steps(skip)),
         Setting("B: pool 0.1", lambda: C.from_steps(pool)),
         Setting("skip + B 0.1", lambda: C.from_steps(skip, pool)),
+        Setting("A 0.5 + skip", lambda: C.from_steps(skip, vision_keep=0.5), stage_a=True),
         Setting("A 0.5 + skip + B 0.1", lambda: C.from_steps(skip, pool, vision_keep=0.5), stage_a=True),
         Setting("A 0.5 + skip + B 0.25", lambda: C.from_steps(skip, pool25, vision_keep=0.5), stage_a=True),
         Setting("skip + B 0.25", lambda: C.from_steps(skip, pool25)),
@@ -288,12 +289,21 @@ def accuracy(family: str, setting: Setting, args) -> float | None:
     """Exact-match accuracy of the trained tiny model of ``family`` under ``setting`` on the synthetic test
     split (``--accuracy-per-task`` samples per task, ``--accuracy-frames`` frames); ``None`` when the
     model is not installed."""
-    import vlmcompress as vc
-    from vlmcompress import models, synthetic
+    from vlmcompress import models
 
     name = "synth-onevision" if family == "onevision" else "synth-qwen2-vl"
     if name not in models.available():
         return None
+    key = (name, setting.name)
+    if key not in _ACC_DONE:      # the same for every --frames value (it uses --accuracy-frames)
+        _ACC_DONE[key] = _accuracy(name, setting, args)
+    return _ACC_DONE[key]
+
+
+def _accuracy(name: str, setting: Setting, args) -> float:
+    import vlmcompress as vc
+    from vlmcompress import models, synthetic
+
     cache = _ACC_MODELS.setdefault(name, models.load(name))
     model, processor = cache
     samples = list(synthetic.benchmark(per_task=args.accuracy_per_task, frames=args.accuracy_frames))
@@ -313,6 +323,7 @@ def accuracy(family: str, setting: Setting, args) -> float | None:
 
 
 _ACC_MODELS: dict = {}
+_ACC_DONE: dict = {}
 
 
 def inputs_for_question(processor, sample) -> dict:
