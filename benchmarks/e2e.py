@@ -374,7 +374,8 @@ def run_family(family: str, args, common: dict) -> list[dict]:
                        vision_layers=args.vision_layers or "real", llm_layers=args.llm_layers or "real",
                        visual_before=visual_before, visual_after=report.visual_after if report else visual_before,
                        prefill_tokens=report.prefill_after[0] if report else int(inputs["attention_mask"].sum()),
-                       frames_encoded=(f"{sum(len(s.kept) for s in skips)}/{sum(s.num_units for s in skips)} tp"
+                       frames_encoded=(f"{sum(len(s.kept) for s in skips)}/{sum(s.num_units for s in skips)} "
+                                       f"{'tp' if family == 'qwen2_vl' else 'frames'}"
                                        if skips else ""),
                        **med, e2e_min_s=min(e2e), e2e_max_s=max(e2e), peak_mb=case["peak"],
                        kv_mb=case["first"]["kv_mb"], decode_tok_s=(NEW_TOKENS - 1) / med["decode_s"], note="")
