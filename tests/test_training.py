@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,10 @@ def test_cli_errors(capsys):
     with pytest.raises(SystemExit):
         train_vlm.main(["--export", "somewhere"])
     assert "--export needs --name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_vlm.main(["--family", "qwen2_vl", "--out", "/tmp/never-written", "--init", "/nonexistent/run"])
+    assert "--init /nonexistent/run: no finished run there" in capsys.readouterr().err
+    assert not Path("/tmp/never-written").exists()            # refused before anything is written
 
 
 def test_aux_cell_labels_mark_what_is_drawn():

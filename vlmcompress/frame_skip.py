@@ -249,9 +249,10 @@ class FrameSkip:
     Put it first in ``CompressionConfig.from_steps(FrameSkip(threshold=0.05), ...)``. Adapters that can
     (LLaVA-OneVision per frame, on :func:`frame_proxy` of the processor's pixels; Qwen2-VL, Qwen2.5-VL,
     Qwen3-VL per temporal patch, on :func:`patch_proxy`) apply it *before* the tower: skipped frames are
-    not encoded, and the item reaches stage B with the merge record of :func:`skipped_state` (so this step then finds nothing left to do). In other
-    families it runs here as a plan on the encoded tokens (no tower saving): proxies from the item's frames
-    when they can be recovered, else from the tokens of each frame.
+    not encoded, and the item reaches stage B with the merge record of :func:`skipped_state` (so this step
+    then finds nothing left to do). In other families it runs here as a plan on the encoded tokens (no
+    tower saving): proxies from the item's frames when they can be recovered, else from the tokens of
+    each frame.
 
     Exactly one of:
         threshold: distance ``>= 0`` (mean absolute proxy difference over the video's spread) at or under

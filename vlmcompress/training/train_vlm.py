@@ -16,7 +16,10 @@ auxiliary per-patch loss that trains the vision tower directly (deep supervision
 a linear head on the projected patch features predicts what is drawn in each patch (shape, colour,
 digit or nothing). The head is thrown away; the shipped model is the plain HF model. Without it the
 answer loss alone taught the tower colour in 200 steps but not shapes or digits in 1,400 (a linear
-probe on its features found shape 49 %, digit 21 %). Checkpoints (model, processor,
+probe on its features found shape 49 %, digit 21 %). The head also predicts each patch's row and column
+(``--position-weight``), and with ``--scene-weight`` > 0 a second head on the LLM's middle layer predicts
+direction, count and shape at the visual tokens (:mod:`.aux_scene`). ``--init RUN`` fine-tunes from a
+finished run's weights with a new optimiser and schedule. Checkpoints (model, processor,
 optimiser, step, RNG) are written every ``--ckpt-every`` steps and ``--resume`` continues from the last.
 """
 from __future__ import annotations
@@ -363,6 +366,9 @@ def main(argv=None) -> int:
         return 0
     if not args.family or not args.out:
         _parser().error("--family and --out are required to train")
+    if args.init and not (_checkpoint(args.init) / "train_state.pt").is_file():
+        _parser().error(f"--init {args.init}: no finished run there (expected {_checkpoint(args.init)}/train_state.pt "
+                        "from a train_vlm run)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "command.txt").write_text("python -P -m vlmcompress.training.train_vlm " + " ".join(
         sys.argv[1:] if argv is None else argv))
