@@ -77,6 +77,19 @@ def test_train_resume_and_export(family, tmp_path):
     assert info["init_from"]["steps"] == 3 and "--init" not in (info["init_from"]["command"] or "")
     assert info["total_wall_minutes_with_init_runs"] >= info["wall_minutes"]
 
+    # An exported model carries its auxiliary heads, so training can go on from the shipped folder.
+    assert (dest / train_vlm.HEADS_FILE).is_file()
+    again = tmp_path / "again"
+    assert train_vlm.main(["--family", family, "--out", str(again), "--init", str(dest), "--batch", "2",
+                           "--steps", "1", "--eval-every", "100", "--eval-per-task", "1", "--max-frames", "8"]) == 0
+    state = torch.load(again / "checkpoint" / "train_state.pt", weights_only=False)
+    from safetensors.torch import load_file
+
+    shipped = load_file(dest / train_vlm.HEADS_FILE)
+    assert set(shipped) == {f"{h}/{k}" for h in ("aux", "aux_position", "scene", "scene_shape") for k in ("weight", "bias")}
+    assert json.loads((again / "init_from.json").read_text())["steps"] == 3
+    assert state["step"] == 1
+
 
 def test_clip_training_and_scorer(tmp_path):
     from vlmcompress.synthetic import make_scene

@@ -192,7 +192,7 @@ def train(args) -> Path:
         start, log = state["step"], json.loads((ckpt / "train_log.json").read_text())
     elif args.init:  # weights (and auxiliary heads) only: a fresh optimiser and schedule
         model = AutoModelForImageTextToText.from_pretrained(_checkpoint(args.init), local_files_only=True)
-        init_state = torch.load(_checkpoint(args.init) / "train_state.pt", weights_only=False)
+        init_state = _init_state(_checkpoint(args.init))
         state = None
     else:
         model = seeing_model(args.family, seed=args.seed)
@@ -281,9 +281,37 @@ def _checkpoint(run: str | Path) -> Path:
     return run / "checkpoint" if (run / "checkpoint").is_dir() else run
 
 
+_HEADS = ("aux", "aux_position", "scene", "scene_shape")
+HEADS_FILE = "training_heads.safetensors"
+
+
+def _init_state(folder: Path) -> dict:
+    """The auxiliary heads to start from: a run's ``train_state.pt`` or an exported model's heads file."""
+    if (folder / "train_state.pt").is_file():
+        return torch.load(folder / "train_state.pt", weights_only=False)
+    from safetensors.torch import load_file
+
+    flat = load_file(folder / HEADS_FILE)
+    state: dict = {}
+    for key, value in flat.items():
+        head, name = key.split("/", 1)
+        state.setdefault(head, {})[name] = value
+    return state
+
+
+def _can_init_from(folder: Path) -> bool:
+    return (folder / "train_state.pt").is_file() or (folder / HEADS_FILE).is_file()
+
+
 def _run_summary(run: str | Path) -> dict:
     """Command, steps and wall time of a finished run, and of the run it started from (``--init``)."""
     ckpt = _checkpoint(run)
+    if not (ckpt / "train_log.json").is_file() and (ckpt / "training.json").is_file():   # an exported model
+        info = json.loads((ckpt / "training.json").read_text())
+        out = {"command": info.get("command"), "steps": info["steps"], "wall_minutes": info["wall_minutes"]}
+        if info.get("init_from"):
+            out["init_from"] = info["init_from"]
+        return out
     log = json.loads((ckpt / "train_log.json").read_text())
     cmd = ckpt.parent / "command.txt"
     info = {"command": cmd.read_text().strip() if cmd.is_file() else None, "steps": log[-1]["step"],
@@ -296,7 +324,8 @@ def _run_summary(run: str | Path) -> dict:
 
 def export(checkpoint: str | Path, name: str, command: str | None = None, *, root: Path | None = None) -> Path:
     """Copy a finished checkpoint's model + processor (no optimiser) into ``vlmcompress/models/<name>``,
-    with ``training.json``: the command, steps, wall time and the last held-out accuracies."""
+    with ``training.json`` (the command, steps, wall time and the last held-out accuracies) and the
+    auxiliary heads (``training_heads.safetensors``, so ``--init <that folder>`` can continue training)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     checkpoint = _checkpoint(checkpoint)
@@ -307,6 +336,12 @@ def export(checkpoint: str | Path, name: str, command: str | None = None, *, roo
         shutil.rmtree(dest)
     model.save_pretrained(dest)
     processor.save_pretrained(dest)
+    state = torch.load(checkpoint / "train_state.pt", weights_only=False)
+    heads = {f"{h}/{k}": v.contiguous() for h in _HEADS if h in state for k, v in state[h].items()}
+    if heads:  # small; lets a later run continue from the shipped model (--init <model folder>)
+        from safetensors.torch import save_file
+
+        save_file(heads, dest / HEADS_FILE)
     log = json.loads((checkpoint / "train_log.json").read_text())
     evals = [e for e in log if "acc" in e]
     summary = _run_summary(checkpoint)
@@ -366,9 +401,9 @@ def main(argv=None) -> int:
         return 0
     if not args.family or not args.out:
         _parser().error("--family and --out are required to train")
-    if args.init and not (_checkpoint(args.init) / "train_state.pt").is_file():
-        _parser().error(f"--init {args.init}: no finished run there (expected {_checkpoint(args.init)}/train_state.pt "
-                        "from a train_vlm run)")
+    if args.init and not _can_init_from(_checkpoint(args.init)):
+        _parser().error(f"--init {args.init}: no finished run there (expected train_state.pt of a train_vlm run, "
+                        f"or {HEADS_FILE} of an exported model)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "command.txt").write_text("python -P -m vlmcompress.training.train_vlm " + " ".join(
         sys.argv[1:] if argv is None else argv))
