@@ -25,3 +25,28 @@ def test_load_average_and_log(capsys):
     log("progress line")
     out = capsys.readouterr()
     assert out.out == "" and out.err == "progress line\n"
+
+
+def test_fidelity_tables_are_built_from_the_committed_results():
+    """The README's accuracy tables come from benchmarks/fidelity_tables.py on the committed JSON:
+    one table per model and length, retained = mean accuracy over the unpatched model's."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_tables.py"
+    spec = importlib.util.spec_from_file_location("fidelity_tables", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = sorted(p for p in mod.FOLDER.glob("*f.json") if "-v2pe-" not in p.name)
+    assert results
+    for p in results:
+        text = mod.table(p)
+        assert text.count("\n| ") == 1 + len({r["method"] for r in json.loads(p.read_text())["summary"]} - {"none"})
+        summary = json.loads(p.read_text())["summary"]
+        acc = {}
+        for r in summary:
+            acc.setdefault(r["setting"], []).append(r["accuracy"])
+        want = sum(acc["random-drop@0.5"]) / sum(acc["none"])
+        row = next(line for line in text.splitlines() if line.startswith("| *random-drop*"))
+        assert row.split(" | ")[1] == f"{want:.0%}".replace("%", " %")
