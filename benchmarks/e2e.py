@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcompress.testing.bench import append_csv, load_average, log
-from vlmcompress.testing.bench import machine as _machine, mallopt as _mallopt, status_kb as _status_kb
+from vlmcompress.testing.bench import append_csv, load_average, log, measure_memory
+from vlmcompress.testing.bench import machine as _machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.csv"
 FIELDS = ["date", "machine", "cpus", "threads", "torch", "transformers", "load_start", "load_end", "family",
@@ -269,20 +269,6 @@ def request(model, inputs, config, processor=None):
                 kv_mb=_cache_bytes(out.past_key_values) / 2 ** 20, report=report, skips=skips)
 
 
-def measure_memory(fn):
-    """``(result, peak extra MB)`` of one cold call of ``fn`` (as benchmarks/prefill.py)."""
-    _mallopt(128 * 1024)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kb("VmRSS")
-        out = fn()
-        peak = (_status_kb("VmHWM") - base) / 1024
-    finally:
-        _mallopt(32 * 2 ** 20)
-    return out, peak
-
-
 # --- accuracy on the task-trained tiny models -------------------------------------------------------------
 
 def accuracy(family: str, setting: Setting, args) -> float | None:
@@ -350,7 +336,7 @@ def run_family(family: str, args, common: dict) -> list[dict]:
                 continue
             config = s.make() if s.make is not None else None
             try:
-                first, peak = measure_memory(functools.partial(request, model, inputs, config, processor))
+                first, peak, _ = measure_memory(functools.partial(request, model, inputs, config, processor))
             except Exception as e:     # a setting this family does not take: say so in the table
                 log(f"{family} {frames} frames {s.name}: not measured: {type(e).__name__}: {e}")
                 rows.append(dict(common, family=family, frames=frames, setting=s.name,

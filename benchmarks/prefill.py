@@ -68,8 +68,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from vlmcompress.testing.bench import append_csv, load_average, log
-from vlmcompress.testing.bench import machine as _machine, mallopt as _mallopt, status_kb as _status_kb
+from vlmcompress.testing.bench import append_csv, load_average, log, measure_memory
+from vlmcompress.testing.bench import machine as _machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefill.csv"
 FIELDS = ["date", "machine", "cpus", "threads", "torch", "transformers", "load_start", "load_end", "dtype",
@@ -112,25 +112,6 @@ def settings(args) -> list[Setting]:
     if args.only:
         rows = [r for r in rows if r.name == rows[0].name or any(o in r.name for o in args.only)]
     return rows
-
-
-# --- memory ---------------------------------------------------------------------------------------
-
-
-def measure_memory(fn):
-    """``(result, peak extra MB, wall s)`` of one cold call of ``fn`` (see the module notes)."""
-    _mallopt(128 * 1024)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kb("VmRSS")
-        t0 = time.perf_counter()
-        out = fn()
-        wall = time.perf_counter() - t0
-        peak = (_status_kb("VmHWM") - base) / 1024
-    finally:
-        _mallopt(32 * 2 ** 20)
-    return out, peak, wall
 
 
 # --- model, processor, inputs -----------------------------------------------------------------------

@@ -149,25 +149,30 @@ def test_static_video_encodes_one_temporal_patch(family):
         assert float(it.size.sum()) == it.placeholders             # skipped tokens count as merged
 
 
-def test_static_video_answer_of_the_trained_model_is_unchanged():
-    """A static video (one count-task frame repeated) encodes one temporal patch, and the shipped
-    synth-qwen2-vl gives the same one-word answer as unpatched on the full video."""
+def _static_count_run(name, items, batch_size):
+    """`items` static count videos (frame 0 of count items 300.. repeated 8 times), unpatched and with
+    FrameSkip(threshold=0) on the shipped model `name`: the records of the skipping run."""
     import numpy as np
 
     import vlmcompress as vc
     from vlmcompress.evaluation import EvalItem, evaluate
     from vlmcompress.synthetic import make_sample
 
-    model, processor = vc.models.load("synth-qwen2-vl")
-    items = []
-    for i in range(4):
+    model, processor = vc.models.load(name)
+    videos = []
+    for i in range(items):
         s = make_sample("count", 300 + i, frames=8)
-        items.append(EvalItem(id=f"static-{i}", task="count", question=s.question, answers=(s.answer,),
-                              frames=np.repeat(s.frames[:1], 8, axis=0)))
-    result = evaluate(model, processor, items, [("skip", CompressionConfig.from_steps(FrameSkip(threshold=0.0)))],
-                      batch_size=4)
-    skipped = [r for r in result.records if r["setting"] == "skip"]
-    for r in skipped:
+        videos.append(EvalItem(id=f"static-{i}", task="count", question=s.question, answers=(s.answer,),
+                               frames=np.repeat(s.frames[:1], 8, axis=0)))
+    result = evaluate(model, processor, videos, [("skip", CompressionConfig.from_steps(FrameSkip(threshold=0.0)))],
+                      batch_size=batch_size)
+    return [r for r in result.records if r["setting"] == "skip"]
+
+
+def test_static_video_answer_of_the_trained_model_is_unchanged():
+    """A static video (one count-task frame repeated) encodes one temporal patch, and the shipped
+    synth-qwen2-vl gives the same one-word answer as unpatched on the full video."""
+    for r in _static_count_run("synth-qwen2-vl", 4, batch_size=4):
         assert r["visual_after"] == r["visual_before"] // 4   # 8 frames = 4 temporal patches; one is encoded
         assert r["agree"], r
 
@@ -249,21 +254,7 @@ def test_onevision_static_video_answer_of_the_trained_model_is_unchanged():
     The one kept frame stands for eight (size 8, proportional attention) at the centroid of their
     positions, so only the positions differ from the full run; on 16 such count videos 14 answers were
     unchanged (the Qwen model: 16 of 16). Asserted: at most one change in these eight."""
-    import numpy as np
-
-    import vlmcompress as vc
-    from vlmcompress.evaluation import EvalItem, evaluate
-    from vlmcompress.synthetic import make_sample
-
-    model, processor = vc.models.load("synth-onevision")
-    items = []
-    for i in range(8):
-        s = make_sample("count", 300 + i, frames=8)
-        items.append(EvalItem(id=f"static-{i}", task="count", question=s.question, answers=(s.answer,),
-                              frames=np.repeat(s.frames[:1], 8, axis=0)))
-    result = evaluate(model, processor, items, [("skip", CompressionConfig.from_steps(FrameSkip(threshold=0.0)))],
-                      batch_size=8)
-    skipped = [r for r in result.records if r["setting"] == "skip"]
+    skipped = _static_count_run("synth-onevision", 8, batch_size=8)
     assert all(r["visual_after"] == (r["visual_before"] - 1) // 8 + 1 for r in skipped)  # one frame + the newline
     assert sum(r["agree"] for r in skipped) >= 7, [(r["item"], r["agree"]) for r in skipped]
 

@@ -49,6 +49,26 @@ def status_kb(name: str) -> int:
         return int(re.search(rf"{name}:\s+(\d+)", f.read()).group(1))
 
 
+def measure_memory(fn):
+    """``(result, peak extra MB, wall s)`` of one cold call of ``fn``: peak RSS above the RSS before it
+    (``VmHWM`` after resetting it through ``/proc/self/clear_refs``), with every large buffer a fresh
+    mapping while it runs (:func:`mallopt`), glibc's default threshold restored afterwards."""
+    import time
+
+    mallopt(128 * 1024)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = status_kb("VmRSS")
+        t0 = time.perf_counter()
+        out = fn()
+        wall = time.perf_counter() - t0
+        peak = (status_kb("VmHWM") - base) / 1024
+    finally:
+        mallopt(32 * 2 ** 20)
+    return out, peak, wall
+
+
 def append_csv(path, fields: list[str], rows) -> int:
     """Append ``rows`` (dicts) to the CSV at ``path``, writing the header when the file is new.
     Returns how many rows were written."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..synthetic import COLOURS, SHAPES
+from .heads import HookedHeads
 
 __all__ = ["AuxHead", "cell_labels"]
 
@@ -60,8 +61,11 @@ def cell_labels(scene, t: int, cells: int) -> dict[str, torch.Tensor]:
     return out
 
 
-class AuxHead:
-    """A linear head on the patch features of `model`, captured by a forward hook each step."""
+class AuxHead(HookedHeads):
+    """Linear heads on the patch features of `model` (forward hook): what is drawn per cell (``head``) and
+    each cell's row and column (``position``, trained when ``position_weight > 0``)."""
+
+    names = ("aux", "aux_position")
 
     def __init__(self, model, *, position_weight: float = 1.0):
         inner = model.model
@@ -73,35 +77,15 @@ class AuxHead:
             module = inner.visual.merger
         else:
             raise ValueError(f"no auxiliary labels for {self.kind!r}")
-        self.head = torch.nn.Linear(width, sum(_N.values()))
-        self.position = torch.nn.Linear(width, 2 * _MAX_CELLS)
-        self.position_weight = position_weight
-        self.captured = None
-        module.register_forward_hook(self._capture)
+        super().__init__(module, torch.nn.Linear(width, sum(_N.values())), torch.nn.Linear(width, 2 * _MAX_CELLS),
+                         position_weight)
 
-    def _capture(self, module, args, output):
-        if self.captured is None:
-            self.captured = output
-
-    def start(self) -> None:
-        self.captured = None
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.head.parameters()) + (list(self.position.parameters()) if self.position_weight > 0 else [])
-
-    def state_dict(self) -> dict:
-        return {"aux": self.head.state_dict(), "aux_position": self.position.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Loads what `state` has (a run made before the position head has only ``aux``)."""
-        if "aux" in state:
-            self.head.load_state_dict(state["aux"])
-        if "aux_position" in state:
-            self.position.load_state_dict(state["aux_position"])
+    @property
+    def position(self) -> torch.nn.Linear:
+        return self.extra
 
     def loss(self, scenes) -> torch.Tensor | None:
-        feats = self.captured
-        self.captured = None
+        feats = self.take()
         if feats is None:
             return None
         labels: dict[str, list[torch.Tensor]] = {k: [] for k in _N}
@@ -132,10 +116,10 @@ class AuxHead:
                 total = total + ce[drawn].mean()
             total = total + 0.1 * ce[~drawn].mean()
         total = total / len(_N)
-        if self.position_weight > 0:
+        if self.extra_weight > 0:
             where = torch.cat([torch.arange(c * c) for c in cells_per_frame])
             side = torch.cat([torch.full((c * c,), c) for c in cells_per_frame])
             pos = self.position(feats.reshape(-1, feats.shape[-1]).float())
-            total = total + self.position_weight * 0.5 * (
+            total = total + self.extra_weight * 0.5 * (
                 F.cross_entropy(pos[:, :_MAX_CELLS], where // side) + F.cross_entropy(pos[:, _MAX_CELLS:], where % side))
         return total

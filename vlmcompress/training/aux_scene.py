@@ -25,11 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..synthetic import DIRECTIONS, SHAPES
+from ..synthetic import ANSWERS, DIRECTIONS, SHAPES
+from .heads import HookedHeads
 
 __all__ = ["SceneHead", "scene_token_labels"]
 
-_COUNTS = 5
+_COUNTS = len(ANSWERS["count"])
 _GRID = 4  # cells per side of a frame's (or frame pair's) visual tokens at 64-px frames
 
 
@@ -67,12 +68,15 @@ def scene_token_labels(scene, frames_per_slot: int) -> tuple[torch.Tensor, torch
     elif scene.kind == "count":
         # The last token of the first slot is the first to have seen a whole frame; a video merged or
         # skipped down to one slot (a static scene) has only that one.
-        count[cells - 1:] = int(["one", "two", "three", "four", "five"].index(f["count"]))
+        count[cells - 1:] = ANSWERS["count"].index(f["count"])
     return direction, count, shape
 
 
-class SceneHead:
-    """A linear head on the visual tokens' hidden states after the LLM's middle layer (forward hook)."""
+class SceneHead(HookedHeads):
+    """Linear heads on the visual tokens' hidden states after the LLM's middle layer (forward hook):
+    direction and count (``head``), the object's shape (``shape_head``, when ``shape_weight > 0``)."""
+
+    names = ("scene", "scene_shape")
 
     def __init__(self, model, visual_token_id: int, *, shape_weight: float = 1.0):
         self.kind = model.config.model_type
@@ -80,36 +84,16 @@ class SceneHead:
             raise ValueError(f"no scene labels for {self.kind!r}")
         layers = model.model.language_model.layers
         width = model.config.get_text_config().hidden_size
-        self.head = torch.nn.Linear(width, len(DIRECTIONS) + _COUNTS)
-        self.shape_head = torch.nn.Linear(width, len(SHAPES))
-        self.shape_weight = shape_weight
         self.visual_token_id = visual_token_id
-        self.captured = None
-        layers[len(layers) // 2].register_forward_hook(self._capture)
+        super().__init__(layers[len(layers) // 2], torch.nn.Linear(width, len(DIRECTIONS) + _COUNTS),
+                         torch.nn.Linear(width, len(SHAPES)), shape_weight)
 
-    def _capture(self, module, args, output):
-        if self.captured is None:
-            self.captured = output[0] if isinstance(output, tuple) else output
-
-    def start(self) -> None:
-        self.captured = None
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.head.parameters()) + (list(self.shape_head.parameters()) if self.shape_weight > 0 else [])
-
-    def state_dict(self) -> dict:
-        return {"scene": self.head.state_dict(), "scene_shape": self.shape_head.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Loads what `state` has (a run made before the shape head has only ``scene``)."""
-        if "scene" in state:
-            self.head.load_state_dict(state["scene"])
-        if "scene_shape" in state:
-            self.shape_head.load_state_dict(state["scene_shape"])
+    @property
+    def shape_head(self) -> torch.nn.Linear:
+        return self.extra
 
     def loss(self, scenes, input_ids: torch.Tensor) -> torch.Tensor | None:
-        hidden = self.captured
-        self.captured = None
+        hidden = self.take()
         if hidden is None:
             return None
         per_slot = 1 if self.kind == "llava_onevision" else 2
@@ -128,8 +112,8 @@ class SceneHead:
         dirs, counts, shapes = torch.cat(dirs), torch.cat(counts), torch.cat(shapes)
         total = logits.new_zeros(())
         parts = [(logits[:, :len(DIRECTIONS)], dirs, 1.0), (logits[:, len(DIRECTIONS):], counts, 1.0)]
-        if self.shape_weight > 0:
-            parts.append((self.shape_head(feats), shapes, self.shape_weight))
+        if self.extra_weight > 0:
+            parts.append((self.shape_head(feats), shapes, self.extra_weight))
         for part, target, weight in parts:
             if (target >= 0).any():
                 total = total + weight * F.cross_entropy(part, target, ignore_index=-100)

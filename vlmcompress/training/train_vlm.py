@@ -281,7 +281,6 @@ def _checkpoint(run: str | Path) -> Path:
     return run / "checkpoint" if (run / "checkpoint").is_dir() else run
 
 
-_HEADS = ("aux", "aux_position", "scene", "scene_shape")
 HEADS_FILE = "training_heads.safetensors"
 
 
@@ -337,7 +336,11 @@ def export(checkpoint: str | Path, name: str, command: str | None = None, *, roo
     model.save_pretrained(dest)
     processor.save_pretrained(dest)
     state = torch.load(checkpoint / "train_state.pt", weights_only=False)
-    heads = {f"{h}/{k}": v.contiguous() for h in _HEADS if h in state for k, v in state[h].items()}
+    from .aux_labels import AuxHead
+    from .aux_scene import SceneHead
+
+    heads = {f"{h}/{k}": v.contiguous() for h in AuxHead.names + SceneHead.names if h in state
+             for k, v in state[h].items()}
     if heads:  # small; lets a later run continue from the shipped model (--init <model folder>)
         from safetensors.torch import save_file
 
