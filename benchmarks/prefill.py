@@ -40,8 +40,9 @@ What is timed (wall clock, ``time.perf_counter``; CPU time too, in the CSV):
                   (and CPU times). On this shared 2-core box other processes only ever add time, in
                   bursts of seconds: a burst doubles a 1-s prefill but barely moves a 10-s one, so
                   medians understate the speedup of short prefills (one run at load ~4 gave 3.2x by
-                  medians at 10 % tokens where quiet runs give ~9x). The "(of medians)" column shows
-                  how far apart the two are; when they agree the run was quiet.
+                  medians at 10 % tokens where quiet runs give ~9x). The "per round" column gives the
+                  spread: each round's speedup (the baseline's median that round over the setting's),
+                  median [min-max] over the rounds; when it is narrow and near the best, the run was quiet.
     ideal         FLOPs(L_before) / FLOPs(L_after) of the Qwen2 prefill with the real dimensions:
                   per layer 2·L·(q,k,v,o + 3 MLP matrices) + causal attention 4·L(L+1)/2·(heads·head_dim),
                   plus the LM head on one token. Measured speedup / ideal is the efficiency.
@@ -316,7 +317,8 @@ def main(argv=None) -> int:
                    vision_peak_mb=vis["peak"])
         # Short prefills run several times per round: noise (other processes) hurts them most.
         per_round = min(4, max(1, round(args.round_seconds / max(cold, 1e-3))))
-        cases.append(dict(row=row, step=step, prefill=prefill, vision=vis, per_round=per_round, walls=[], cpus=[]))
+        cases.append(dict(row=row, step=step, prefill=prefill, vision=vis, per_round=per_round, walls=[], cpus=[],
+                          round_medians=[]))
         log(f"{s.name}: {row['prefill_after']} prefill tokens, cold prefill {cold:.1f} s")
 
     # Pass 2: timed rounds over all settings (alternating direction), so a change in the load of this
@@ -339,6 +341,7 @@ def main(argv=None) -> int:
                 case["prefill"]()
                 case["walls"].append(time.perf_counter() - w0)
                 case["cpus"].append(time.process_time() - c0)
+            case["round_medians"].append(statistics.median(case["walls"][-case["per_round"]:]))
         log(f"round {i + 1}/{args.repeats} done, load {load_average()}")
 
     baseline = None
@@ -356,6 +359,11 @@ def main(argv=None) -> int:
         baseline = baseline or row
         row["speedup"] = baseline["llm_prefill_s"] / wall
         row["median_speedup"] = baseline["llm_prefill_median_s"] / row["llm_prefill_median_s"]
+        # Spread: the speedup of each interleaved round (the baseline's median that round over this
+        # setting's), min / median / max over the rounds.
+        per_round = [b / c for b, c in zip(cases[0]["round_medians"], case["round_medians"])]
+        row.update(speedup_round_min=min(per_round), speedup_round_median=statistics.median(per_round),
+                   speedup_round_max=max(per_round))
         row["cpu_speedup"] = baseline["llm_prefill_cpu_s"] / cpu
         row["ttft_speedup"] = baseline["ttft_s"] / row["ttft_s"]
         row["ideal"] = (prefill_flops(baseline["prefill_after"], text_cfg, args.vocab)
@@ -390,7 +398,7 @@ def print_table(rows, args) -> None:
           f"SigLIP {args.vision_layers} layers, Qwen2 {args.llm_layers} layers. Times: best of "
           f"{r0.get('llm_runs', '?')}-{max(r.get('llm_runs', 0) for r in rows)} LLM runs, "
           f"{r0.get('vision_runs', '?')} vision runs; peak MB: added RSS\n")
-    print("| setting | visual tokens | prefill tokens | LLM prefill s | speedup | (of medians) | ideal "
+    print("| setting | visual tokens | prefill tokens | LLM prefill s | speedup (best) | per round: median [min-max] | ideal "
           "| measured/ideal | compression ms | % of prefill | LLM peak MB | vision s | vision + LLM s | speedup |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -399,7 +407,8 @@ def print_table(rows, args) -> None:
             continue
         name = f"{r['setting']} ({r['note']})" if r.get("note") else r["setting"]
         print(f"| {name} | {r['visual_after']} / {r['visual_tokens']} | {r['prefill_after']} | "
-              f"{r['llm_prefill_s']:.2f} | {r['speedup']:.2f}x | {r['median_speedup']:.2f}x | {r['ideal']:.2f}x | "
+              f"{r['llm_prefill_s']:.2f} | {r['speedup']:.2f}x | {r['speedup_round_median']:.2f}x "
+              f"[{r['speedup_round_min']:.2f}-{r['speedup_round_max']:.2f}] | {r['ideal']:.2f}x | "
               f"{100 * r['efficiency']:.0f} % | {r['compression_ms']:.1f} | {r['compression_pct']:.2f} % | "
               f"{r['llm_peak_mb']:.0f} | {r['vision_s']:.1f} | {r['ttft_s']:.1f} | {r['ttft_speedup']:.2f}x |")
     print("\ncompression breakdown (ms): operators (compress_item) / position map / new positions / rest; peak MB")
