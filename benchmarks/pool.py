@@ -1,15 +1,17 @@
-"""Prompt-guided pooling benchmark: cost of relevance weighting over plain ``avg_pool3d``.
+"""Prompt-guided pooling benchmark: cost of relevance weighting over plain adaptive average pooling.
 
 Usage:
     python benchmarks/pool.py                    # default, well under a minute on 2 CPU cores
     python benchmarks/pool.py --channels 3584 --repeats 10 --device cuda
 
-For each grid, the output grid is ``grid_for_budget(grid, budget)``. Columns (median of ``--repeats``
+For each grid, the output grid is ``grid_for_budget(grid, budget)``; ``kernel`` is the longest window
+per axis. Columns (median of ``--repeats``
 warm runs, milliseconds):
 
-- ``avg_pool3d``: ``torch.nn.functional.avg_pool3d`` on a contiguous ``[B, C, T, H, W]`` tensor, the
-  raw operator with no bookkeeping (the floor);
-- ``pool_none``: ``prompt_guided_pool`` without relevance (avg_pool3d plus size/pos/layout work);
+- ``avg_pool3d``: ``torch.nn.functional.adaptive_avg_pool3d`` to the same output grid on a contiguous
+  ``[B, C, T, H, W]`` tensor, the raw operator with no bookkeeping (the floor; its windows are ours
+  where the axes divide, and overlap by one position elsewhere);
+- ``pool_none``: ``prompt_guided_pool`` without relevance (window means plus size/pos/source work);
 - ``pool_rel``: ``prompt_guided_pool`` with a relevance map (tau 0.01);
 - ``resize``: ``resize_relevance`` from a CLIP ViT-B/16 grid (``T×14×14``) to the VLM grid.
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vlmcompress.pool import grid_for_budget, pool_kernel_stride, prompt_guided_pool
+from vlmcompress.pool import grid_for_budget, prompt_guided_pool
 from vlmcompress.relevance import resize_relevance
 from vlmcompress.state import TokenState
 from vlmcompress.testing.bench import append_csv, machine as _machine
@@ -77,12 +79,12 @@ def main(argv=None) -> int:
         x = torch.randn(1, n, c, generator=g).to(device, dtype)
         state = TokenState.from_features(x, grid)
         rel = torch.softmax(torch.randn(1, n, generator=g) * 3, -1).to(device)
-        ks, ss = zip(*(pool_kernel_stride(i, o) for i, o in zip(grid, out_grid)))
+        ks = [-(-i // o) for i, o in zip(grid, out_grid)]
         x_cf = x.reshape(1, *grid, c).permute(0, 4, 1, 2, 3).contiguous().float()
         clip_grid = (grid[0], 14, 14)
         clip_rel = torch.softmax(torch.randn(1, math.prod(clip_grid), generator=g), -1).to(device)
         res = dict(
-            avg_pool3d_ms=_timed(lambda: F.avg_pool3d(x_cf, ks, ss), args.repeats, sync),
+            avg_pool3d_ms=_timed(lambda: F.adaptive_avg_pool3d(x_cf, out_grid), args.repeats, sync),
             pool_none_ms=_timed(lambda: prompt_guided_pool(state, grid, out_grid), args.repeats, sync),
             pool_rel_ms=_timed(lambda: prompt_guided_pool(state, grid, out_grid, rel), args.repeats, sync),
             resize_ms=_timed(lambda: resize_relevance(clip_rel, clip_grid, grid), args.repeats, sync),

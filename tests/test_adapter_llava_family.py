@@ -183,7 +183,7 @@ def _item_features(model, family, kind, inputs):
 
 
 def _pool_by_hand(feats, grid, out_grid):
-    """avg_pool3d with PPLLaVA's windows, and each output's mean raster index (its centroid offset
+    """The mean over each pooling window, and each output's mean raster index (its centroid offset
     inside the run)."""
     raster = torch.arange(math.prod(grid), dtype=torch.float64)[:, None]
     return window_pool(feats.double(), grid, out_grid).to(feats.dtype), window_pool(raster, grid, out_grid)[:, 0]

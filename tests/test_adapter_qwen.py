@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
 from vlmcompress.adapters import patch, prepare_inputs, unpatch  # noqa: E402
 from vlmcompress.config import CompressionConfig  # noqa: E402
-from vlmcompress.pool import grid_for_budget, pool_kernel_stride  # noqa: E402
+from vlmcompress.pool import grid_for_budget  # noqa: E402
+from vlmcompress.testing.adapter_checks import window_pool  # noqa: E402
 from vlmcompress.testing.adapter_checks import (NEW_TOKENS, cached_model, cached_processor, chat_inputs,  # noqa: E402
                                                 generate_tokens, llm_calls, planned_tokens)
 from vlmcompress.testing.tiny_models import save_tiny_checkpoint  # noqa: E402
@@ -168,7 +168,7 @@ def _v2pe_map(pos: torch.Tensor, visual: torch.Tensor, delta: float) -> torch.Te
 
 
 def _reference_inputs(model, family, kind, inputs, keep=0.25, delta=0.5):
-    """Unpatched-model inputs built by hand: avg-pooled features (torch avg_pool3d on the token grid),
+    """Unpatched-model inputs built by hand: window-averaged features (``window_pool`` on the token grid),
     each pooled token in the placeholder slot of its window's first token, positions = pooled V2PE-mapped
     positions of the model's own get_rope_index, 4-row position_ids."""
     base = model.model
@@ -180,11 +180,9 @@ def _reference_inputs(model, family, kind, inputs, keep=0.25, delta=0.5):
         enc = fn(inputs[pix], inputs[grid_key], return_dict=True)
     grid = _grids(inputs, kind)[0]
     out_grid = grid_for_budget(grid, math.ceil(keep * math.prod(grid)))
-    ks, ss = zip(*(pool_kernel_stride(i, o) for i, o in zip(grid, out_grid)))
 
     def pool(v):  # [N, C] raster (t, h, w) -> [M, C]
-        x = v.reshape(*grid, -1).permute(3, 0, 1, 2).unsqueeze(0)
-        return F.avg_pool3d(x, ks, ss)[0].flatten(1).T
+        return window_pool(v, grid, out_grid)
 
     rope_keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
     pos = base.get_rope_index(ids, **{k: inputs[k] for k in rope_keys if k in inputs})[0][:, 0].double()
@@ -192,9 +190,8 @@ def _reference_inputs(model, family, kind, inputs, keep=0.25, delta=0.5):
     visual = (ids[0] == token).tolist()
     slots = (ids[0] == token).nonzero()[:, 0]
     mapped = _v2pe_map(pos, visual, delta)
-    # Pooling's plan is a partition: on each axis window k owns [k·stride, (k+1)·stride) (the last window
-    # owns the rest), so the first token it owns, its anchor slot, is k·stride.
-    firsts = [torch.arange(o) * s for o, s in zip(out_grid, ss)]
+    # Pooling's windows partition each axis: window k starts at ceil(k·I/O), its first token and anchor slot.
+    firsts = [-(-torch.arange(o) * i // o) for i, o in zip(grid, out_grid)]
     starts = torch.stack(torch.meshgrid(*firsts, indexing="ij"), -1)
     first = (starts[..., 0] * grid[1] * grid[2] + starts[..., 1] * grid[2] + starts[..., 2]).flatten()
     kept = slots[first]
@@ -289,9 +286,8 @@ def test_manual_decoding_continues_with_rope_deltas(family, patched):
 
 
 def test_qwen3_video_frames_keep_their_runs_and_mapped_positions(patched):
-    """(3, 2, 3) pooled to (2, 1, 2): the t windows overlap (frames {0, 1} and {1, 2}, stride 1); the
-    partition gives frame 0 to the first window and frames 1 and 2 to the second, so the second window's
-    first owned token, and its slot, is in frame group 1's run. Group 2's run is left empty (its tokens
+    """(3, 2, 3) pooled to (2, 1, 2): the t windows are frames {0, 1} and {2}, so each window's first
+    token, and its slot, is in frame group 0's and 2's runs. Group 1's run is left empty (its tokens
     live on inside the pooled tokens)."""
     model, inputs = cached_model("qwen3_vl"), _inputs("qwen3_vl", "video", rows=(0,))
     kw, report = prepare_inputs(patched(model, CompressionConfig()).vlmcompress.adapter,
@@ -308,7 +304,7 @@ def test_qwen3_video_frames_keep_their_runs_and_mapped_positions(patched):
             runs.append(j - i - 1)
             i = j
         i += 1
-    assert runs == [2, 2, 0]
+    assert runs == [2, 0, 2]
     assert report.items[0].after_compress == 4
 
 

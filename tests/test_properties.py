@@ -59,6 +59,14 @@ def test_pool_plan_is_a_partition_with_sizes_positions_and_anchors(grid, frac, s
     lo, hi = state.pos[0].min(0).values, state.pos[0].max(0).values
     assert bool((out.pos[0] >= lo - 1e-4).all()) and bool((out.pos[0] <= hi + 1e-4).all())
     _check_anchors(out.source[0], m)
+    # Each output mixes only its own window's tokens (windows never overlap): the softmax-weighted mean
+    # of the tokens the plan sends there, computed here one window at a time.
+    dst = plan.dst[0]
+    for j in range(0, m, max(1, m // 16)):
+        members = (dst == j).nonzero()[:, 0]
+        w = torch.ones(len(members)) if relevance is None else torch.softmax(relevance[0, members] / sharp, 0)
+        expect = (w[:, None] * state.x[0, members]).sum(0) / w.sum()
+        torch.testing.assert_close(out.x[0, j], expect, rtol=1e-4, atol=1e-5)
 
 
 def _steps(draw_kind, ratio, seed, frames):

@@ -31,7 +31,7 @@ _LAZY = {
                     "vlmcompress.attention"),
     **dict.fromkeys(["merge_colors", "palette"], "vlmcompress.visualize"),
     # pooling and relevance
-    **dict.fromkeys(["prompt_guided_pool", "pool_kernel_stride", "grid_for_budget", "pool_coverage",
+    **dict.fromkeys(["prompt_guided_pool", "pool_bins", "grid_for_budget",
                      "pool_partition", "pool_plan"], "vlmcompress.pool"),
     **dict.fromkeys(["relevance_from_embeddings", "resize_relevance", "ClipRelevanceScorer", "tiny_clip_scorer"],
                     "vlmcompress.relevance"),

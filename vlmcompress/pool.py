@@ -1,34 +1,35 @@
 """Prompt-guided pooling (PPLLaVA; Liu et al. 2024): shrink a ``T×H×W`` token grid to any ``T'×H'×W'``.
 
-Each output token is a softmax-weighted sum of the tokens in one 3-D window, the weights coming from
+Each output token is a softmax-weighted mean of the tokens in one 3-D window, the weights coming from
 how relevant each token is to the user's question (:mod:`vlmcompress.relevance`). Without relevance it
-is exactly ``avg_pool3d``. See DESIGN.md §3.2.
+is the plain window mean. See DESIGN.md §3.2.
 
-Windows, per axis (input size ``I``, output size ``O``)::
+Windows, per axis (input size ``I``, output size ``O``): output ``j`` reads positions
+``[ceil(j·I/O), ceil((j+1)·I/O))``, i.e. position ``p`` belongs to window ``p·O // I``. The windows
+*partition* the axis into runs of ``floor(I/O)`` or ``ceil(I/O)`` positions. Where ``O`` divides ``I``
+these are PPLLaVA's windows (``stride = kernel = I/O``) and the plain mean is ``avg_pool3d``.
 
-    stride = I // O,   kernel = I - (O - 1) * stride
-
-so the ``O`` windows tile the whole axis, the last one ending exactly at ``I``. When ``I`` is not a
-multiple of ``O`` the kernel is larger than the stride and neighbouring windows overlap (``I=5, O=2``:
-windows ``[0, 3)`` and ``[2, 5)``). For ``I/2 < O < I`` the stride is 1 and the kernel ``I - O + 1``
-(``24 → 15``: kernel 10), so each output averages many neighbours and the work grows with the overlap;
-:func:`grid_for_budget` does not avoid such sizes.
+Where ``O`` does not divide ``I`` we deliberately depart from PPLLaVA's ``stride = I // O,
+kernel = I − (O − 1)·stride``: those windows overlap, badly just above half an axis (``16 → 10``:
+stride 1, kernel 7; a budget grid of ``16×16×16`` at 25 % put every token into 84 windows). Overlap
+does two kinds of harm, both measured on the task-trained tiny models (README, "Accuracy kept"): every
+output averages a wide neighbourhood (fine detail blurs away), and with relevance the softmax puts
+nearly all of a window's weight on the one relevant token, which is then copied into every window that
+overlaps it — object counts collapsed (0.00 at 50 % on synth-onevision with the overlapping windows).
+A partition copies nothing, and any budget grid is still reachable.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import operator
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ._checks import as_int, check_finite, check_tensor
 from .state import TokenState
 
-__all__ = ["pool_kernel_stride", "grid_for_budget", "prompt_guided_pool", "pool_coverage", "pool_partition", "pool_plan",
-           "WindowMix"]
+__all__ = ["pool_bins", "grid_for_budget", "prompt_guided_pool", "pool_partition", "pool_plan"]
 
 _AXES = ("t", "h", "w")
 
@@ -48,16 +49,16 @@ def _check_grid(name: str, grid) -> tuple[int, int, int]:
     return tuple(out)
 
 
-def pool_kernel_stride(in_size: int, out_size: int, *, axis: str = "axis") -> tuple[int, int]:
-    """Kernel and stride that pool ``in_size`` positions to exactly ``out_size`` windows.
+def pool_bins(in_size: int, out_size: int, *, axis: str = "axis") -> list[tuple[int, int]]:
+    """The ``out_size`` pooling windows of one axis of ``in_size`` positions, as ``[start, stop)`` pairs.
 
-    ``stride = I // O`` and ``kernel = I - (O - 1) * stride``; then ``(I - kernel) // stride + 1 == O``
-    and the windows cover every position. Asking for more outputs than inputs (``O > I``) is rejected
-    rather than repeating tokens: repeating adds tokens that carry no information, which is never what a
-    token budget wants.
+    Window ``j`` is ``[ceil(j·I/O), ceil((j+1)·I/O))``: the windows partition ``[0, I)`` in order, each
+    ``floor(I/O)`` or ``ceil(I/O)`` long (``I=5, O=2``: ``[0, 3)`` and ``[3, 5)``). Asking for more
+    outputs than inputs (``O > I``) is rejected rather than repeating tokens: repeating adds tokens
+    that carry no information, which is never what a token budget wants.
 
     Raises:
-        ValueError: ``out_size`` outside ``[1, in_size]`` (the message names ``axis``).
+        TypeError: non-int sizes. ValueError: ``out_size`` outside ``[1, in_size]`` (the message names ``axis``).
     """
     for name, v in (("in_size", in_size), ("out_size", out_size)):
         if as_int(v) is None:
@@ -70,8 +71,14 @@ def pool_kernel_stride(in_size: int, out_size: int, *, axis: str = "axis") -> tu
             f"output size for axis {axis} must be in [1, {in_size}] (the input size; pooling never "
             f"repeats tokens), got {out_size}"
         )
-    stride = in_size // out_size
-    return in_size - (out_size - 1) * stride, stride
+    starts = [-(-j * in_size // out_size) for j in range(out_size + 1)]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+def _axis_owner(in_size: int, out_size: int, axis: str, device) -> torch.Tensor:
+    """``[I]`` int64: the window of each position on one axis (``p·O // I``, the inverse of :func:`pool_bins`)."""
+    pool_bins(in_size, out_size, axis=axis)  # validates
+    return torch.arange(in_size, device=device) * out_size // in_size
 
 
 def grid_for_budget(grid, budget: int, *, keep_time: bool = False) -> tuple[int, int, int]:
@@ -91,10 +98,6 @@ def grid_for_budget(grid, budget: int, *, keep_time: bool = False) -> tuple[int,
     4. Greedy fill of what rounding left over: repeatedly grow to its next allowed size the axis furthest
        below its ideal (smallest ``o_a / e_a``, ties to the earlier axis) among those that can still grow
        within the budget and the input size, until none can.
-
-    Only sizes whose pooling windows span at most ``max(2·stride, 8)`` positions, or that keep the whole
-    axis, are allowed (see ``_pool_friendly_sizes``): just above half a long axis, PPLLaVA's kernel/stride
-    rule would average almost the whole axis into every token.
 
     The result keeps the per-axis reduction ratios nearly equal; it is not always the grid with the
     largest possible product (``(1, 24, 24)`` with budget 23 gives ``(1, 5, 4)``, not ``(1, 1, 23)``).
@@ -140,7 +143,7 @@ def _fit_axes(sizes: tuple[int, ...], budget: int) -> tuple[int, ...]:
     # Candidates: every axis within one of the floor/ceiling of its ideal, and the same with one axis
     # instead filled to the most the budget allows (rounding can leave a size-2 axis at 1 and waste
     # half the budget; filling another axis recovers it). At most 4^3·4 = 256 candidates.
-    allowed = [_pool_friendly_sizes(s) for s in sizes]
+    allowed = [list(range(1, s + 1)) for s in sizes]
     options = [_near(sizes_a, e) for sizes_a, e in zip(allowed, target)]
     candidates = set()
     for c in itertools.product(*options):
@@ -173,23 +176,6 @@ def _fit_axes(sizes: tuple[int, ...], budget: int) -> tuple[int, ...]:
             return tuple(best)
 
 
-def _pool_friendly_sizes(in_size: int) -> list[int]:
-    """Output sizes allowed on an axis of ``in_size``: the whole axis, or windows of at most
-    ``max(2·stride, 8)`` positions.
-
-    PPLLaVA's ``stride = I // O, kernel = I − (O − 1)·stride`` degenerates when ``O`` is just above
-    ``I / 2``: stride 1 and a kernel of ``I − O + 1`` (256 frames → 143 averages 114 frames into every
-    token, and took 10.9 s to pool in benchmarks/prefill.py). Such sizes are skipped; the cap of 8 keeps
-    mild reductions of short axes (24 → 20: kernel 5) available.
-    """
-    sizes = []
-    for o in range(1, in_size + 1):
-        stride = in_size // o
-        if o == in_size or in_size - (o - 1) * stride <= max(2 * stride, 8):
-            sizes.append(o)
-    return sizes
-
-
 def _near(allowed: list[int], ideal: float) -> list[int]:
     """The allowed sizes within one of the ideal's floor/ceiling, and the nearest one on either side."""
     lo, hi = math.floor(ideal) - 1, math.ceil(ideal) + 1
@@ -199,28 +185,48 @@ def _near(allowed: list[int], ideal: float) -> list[int]:
     return sorted(set(near + below[-1:] + above[:1]))
 
 
-def _window_index(in_size: int, kernel: int, stride: int, out_size: int, device) -> torch.Tensor:
-    """``[O, k]`` input index of each slot of each window on one axis."""
-    return (torch.arange(out_size, device=device) * stride).unsqueeze(1) + torch.arange(kernel, device=device)
+def pool_partition(grid, out_grid, device=None) -> torch.Tensor:
+    """``[T*H*W]`` int64: the output window of each input token (raster ``(t', h', w')`` index).
 
-
-def pool_coverage(grid, out_grid, device=None) -> torch.Tensor:
-    """``[T*H*W]`` int64: how many pooling windows contain each input token (``>= 1``; > 1 where windows overlap)."""
+    The product of the per-axis windows of :func:`pool_bins`, so a partition: every token is in exactly
+    one window, every window holds at least one token, and the window of the first token of each window
+    increases in raster order (compressed tokens map to increasing placeholder slots).
+    """
     grid = _check_grid("grid", grid)
     out_grid = _check_grid("out_grid", out_grid)
-    counts = []
-    for axis, i, o in zip(_AXES, grid, out_grid):
-        k, s = pool_kernel_stride(i, o, axis=axis)
-        counts.append(torch.bincount(_window_index(i, k, s, o, device).flatten(), minlength=i))
-    ct, ch, cw = counts
-    return (ct[:, None, None] * ch[None, :, None] * cw[None, None, :]).flatten()
+    ot, oh, ow = (_axis_owner(i, o, a, device) for a, i, o in zip(_AXES, grid, out_grid))
+    _, ho, wo = out_grid
+    return ((ot[:, None, None] * ho + oh[None, :, None]) * wo + ow[None, None, :]).flatten()
 
 
-def _unfold3(v: torch.Tensor, ks, ss) -> torch.Tensor:
-    """``[B, T, H, W, *rest]`` → ``[B, T', H', W', *rest, kT*kH*kW]`` (window slots last, raster order)."""
-    for dim, (k, s) in enumerate(zip(ks, ss), start=1):
-        v = v.unfold(dim, k, s)
-    return v.flatten(-3)
+def pool_plan(grid, out_grid, relevance: torch.Tensor | None = None, *, tau: float = 0.01, batch: int = 1,
+              device=None, dtype=torch.float32):
+    """The :class:`vlmcompress.plan.Plan` of prompt-guided pooling ``grid → out_grid``.
+
+    Its partition is :func:`pool_partition`; each token's weight inside its window is
+    ``exp(relevance / tau − max over the window)`` (so the window's output is the softmax-weighted sum,
+    and no window's weights underflow to all zeros however far its relevance is below another
+    window's), or 1 when ``relevance`` is ``None`` (the plain mean). ``relevance`` is ``[B, N]``;
+    ``batch`` is ``B`` when it is ``None``. Weights are computed in ``dtype``.
+    """
+    from .plan import Plan
+
+    grid = _check_grid("grid", grid)
+    out_grid = _check_grid("out_grid", out_grid)
+    m = math.prod(out_grid)
+    if relevance is not None:
+        batch = relevance.shape[0]
+        device = relevance.device if device is None else device
+    owner = pool_partition(grid, out_grid, device=device)
+    dst = owner.expand(batch, owner.numel())
+    if relevance is None:
+        weight = torch.ones(batch, owner.numel(), dtype=dtype, device=device)
+    else:
+        logits = relevance.to(device=device, dtype=dtype) / tau
+        peak = torch.full((batch, m), -math.inf, dtype=dtype, device=device)
+        peak = peak.scatter_reduce(1, dst, logits, reduce="amax")
+        weight = torch.exp(logits - peak.gather(1, dst))
+    return Plan(dst.clone(), m, weight=weight)
 
 
 def prompt_guided_pool(
@@ -243,20 +249,18 @@ def prompt_guided_pool(
             relevant token. The paper uses 0.01.
 
     Returns:
-        A new state with ``N' = T'*H'*W'`` tokens in raster ``(t', h', w')`` order:
+        A new state with ``N' = T'*H'*W'`` tokens in raster ``(t', h', w')`` order, one per window of
+        :func:`pool_partition` (the module docstring says why windows never overlap):
 
         - ``x``: per window, ``Σ_i softmax(relevance / tau)_i · x_i`` over the window's tokens. With
-          ``relevance=None`` this *is* ``torch.nn.functional.avg_pool3d(kernel, stride)``; constant
-          relevance gives the same up to rounding. Accumulated in fp32 for fp16/bf16 inputs (fp64 for
-          fp64) and cast back.
+          ``relevance=None`` the plain mean (``avg_pool3d`` where every output axis divides its input);
+          constant relevance gives the same up to rounding. Accumulated in fp32 for fp16/bf16 inputs
+          (fp64 for fp64) and cast back. Token sizes do not weight the mean.
         - ``pos``: the same weighted mean of ``pos``, so a pooled token sits at the relevance-weighted
           centroid of its window.
-        - ``size``: the sum of ``size`` over the tokens the window *owns* (:func:`pool_partition`: a
-          partition, each token owned by exactly one window, every window owning at least one), so sizes
-          still sum to the original count. ``size`` counts patches and is deliberately not
-          relevance-weighted.
-        - ``source``: if tracked, each original patch follows its current token into the window that
-          owns it. Without overlap that is simply the window containing it.
+        - ``size``: the sum of ``size`` over the window, so sizes still sum to the original count.
+          ``size`` counts patches and is deliberately not relevance-weighted.
+        - ``source``: if tracked, each original patch follows its current token into its window.
 
         This is :func:`pool_plan` applied with :meth:`vlmcompress.plan.Plan.apply`.
 
@@ -272,7 +276,8 @@ def prompt_guided_pool(
     b, n, c = state.x.shape
     if math.prod(grid) != n:
         raise ValueError(f"grid {grid} holds {math.prod(grid)} tokens but state has N={n}; prompt_guided_pool needs exactly the grid tokens (no prefix)")
-    ks, ss = zip(*(pool_kernel_stride(i, o, axis=a) for a, i, o in zip(_AXES, grid, out_grid)))
+    for a, i, o in zip(_AXES, grid, out_grid):
+        pool_bins(i, o, axis=a)
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise TypeError(f"tau must be a float, got {type(tau).__name__}")
     if not (math.isfinite(tau) and tau > 0):
@@ -284,121 +289,3 @@ def prompt_guided_pool(
     acc = torch.float64 if state.x.dtype == torch.float64 else torch.float32
     plan = pool_plan(grid, out_grid, relevance, tau=tau, batch=b, device=state.x.device, dtype=acc)
     return plan.apply(state)
-
-
-def pool_partition(grid, out_grid, device=None) -> torch.Tensor:
-    """``[T*H*W]`` int64: the output window that *owns* each input token, a partition of the grid.
-
-    Per axis, position ``p`` belongs to window ``min(p // stride, O - 1)``: window ``j < O - 1`` owns
-    ``[j·stride, (j+1)·stride)`` and the last owns the rest up to ``I``. Each owned range lies inside the
-    window (``kernel >= stride``, and the last window ends at ``I``), every window owns at least
-    ``stride >= 1`` positions, and the owner of the first token of each window increases in raster order,
-    so compressed tokens map to increasing placeholder slots even where windows overlap (issue 9, 1).
-    """
-    grid = _check_grid("grid", grid)
-    out_grid = _check_grid("out_grid", out_grid)
-    owners = []
-    for axis, i, o in zip(_AXES, grid, out_grid):
-        _, s = pool_kernel_stride(i, o, axis=axis)
-        owners.append((torch.arange(i, device=device) // s).clamp(max=o - 1))
-    ot, oh, ow = owners
-    _, ho, wo = out_grid
-    return ((ot[:, None, None] * ho + oh[None, :, None]) * wo + ow[None, None, :]).flatten()
-
-
-@dataclass(frozen=True, eq=False)
-class WindowMix:
-    """The feature side of a pooling plan: output ``m`` = ``Σ_k weights[b, m, k] · v[window_k(m)]``.
-
-    ``weights`` is ``[B, M, K]`` (softmax of relevance / tau inside each window), or ``None`` for the plain
-    window mean (``avg_pool3d``, bit-exact). ``apply(v [B, N, D]) -> [B, M, D]`` in ``v``'s dtype promoted
-    to the accumulation dtype (fp32 at least).
-    """
-
-    grid: tuple
-    out_grid: tuple
-    ks: tuple
-    ss: tuple
-    weights: torch.Tensor | None = None
-
-    def apply(self, v: torch.Tensor) -> torch.Tensor:
-        b, n, d = v.shape
-        x5 = v.reshape(b, *self.grid, d)
-        m = math.prod(self.out_grid)
-        if self.weights is None:
-            acc = torch.promote_types(v.dtype, torch.float32)
-            return _window_mean(x5, self.ks, self.ss, self.out_grid, acc).reshape(b, m, d)
-        acc = torch.promote_types(v.dtype, self.weights.dtype)
-        w = self.weights.to(device=v.device, dtype=acc).reshape(b, *self.out_grid, -1)
-        return _weighted_window_sum(x5, w, self.ks, self.ss, self.out_grid).reshape(b, m, d)
-
-
-def pool_plan(grid, out_grid, relevance: torch.Tensor | None = None, *, tau: float = 0.01, batch: int = 1,
-              device=None, dtype=torch.float32):
-    """The :class:`vlmcompress.plan.Plan` of prompt-guided pooling ``grid → out_grid``.
-
-    Its partition is :func:`pool_partition` (sizes and the source map follow it); its features and
-    positions are the relevance-weighted window sums (:class:`WindowMix`). ``relevance`` is ``[B, N]`` or
-    ``None`` (plain average pooling); ``batch`` is ``B`` when ``relevance`` is ``None``.
-    """
-    from .plan import Plan
-
-    grid = _check_grid("grid", grid)
-    out_grid = _check_grid("out_grid", out_grid)
-    ks, ss = zip(*(pool_kernel_stride(i, o, axis=a) for a, i, o in zip(_AXES, grid, out_grid)))
-    if relevance is not None:
-        batch = relevance.shape[0]
-        device = relevance.device if device is None else device
-        t, h, w = grid
-        logits = _unfold3(relevance.to(device=device, dtype=dtype).reshape(batch, t, h, w), ks, ss) / tau
-        weights = torch.softmax(logits, dim=-1).reshape(batch, math.prod(out_grid), -1)
-    else:
-        weights = None
-    owner = pool_partition(grid, out_grid, device=device)
-    dst = owner.expand(batch, owner.numel()).clone()
-    return Plan(dst, math.prod(out_grid), mix=WindowMix(grid, out_grid, tuple(ks), tuple(ss), weights))
-
-
-# How the weighted window sum is computed. Summing over kernel offsets (K strided multiply-adds) never
-# copies the windows: peak memory is two outputs. Unfolding + einsum materialises all windows, O·K·C
-# values, which is N·C without overlap but (kernel/stride)^3 times more with it (24 -> 15 on an axis
-# gives kernel 10, stride 1). Measured on CPU: 2x2 spatial pooling of 8x24x24x4096, offset sum ~5x
-# faster than einsum. So: offset sum, except for huge windows (K > 1024, a Python-level loop that long
-# costs more than the copy) without overlap (where the einsum's copy is no bigger than the input).
-_OFFSET_SUM_MAX_K = 1024
-
-
-def _window_views(x5: torch.Tensor, ks, ss, out_grid):
-    """Slot ``k`` of every window as one strided ``[B, T', H', W', C]`` view of ``x5``, for ``k`` in raster
-    order of the kernel offsets ``(dt, dh, dw)``: the order of the flattened unfold of the weights."""
-    for offs in itertools.product(*(range(kx) for kx in ks)):
-        yield x5[(slice(None),) + tuple(slice(o, o + (n - 1) * st + 1, st) for o, n, st in zip(offs, out_grid, ss))]
-
-
-def _window_mean(x5: torch.Tensor, ks, ss, out_grid, acc: torch.dtype) -> torch.Tensor:
-    """``avg_pool3d`` of ``x5 [B, T, H, W, C]`` over ``(T, H, W)`` → ``[B, T', H', W', C]``, channels last.
-
-    The same arithmetic as ``avg_pool3d``: the window's values summed in raster order, then divided by
-    ``K``, so the result is bit-identical (tested against ``F.avg_pool3d`` on CPU), without the layout
-    copies to and from channels-first (3-6× faster on CPU for 1024 channels). Accumulates in ``acc``.
-    """
-    kk = math.prod(ks)
-    if kk > _OFFSET_SUM_MAX_K:
-        pooled = F.avg_pool3d(x5.to(acc).permute(0, 4, 1, 2, 3).contiguous(), kernel_size=ks, stride=ss)
-        return pooled.permute(0, 2, 3, 4, 1)
-    out = x5.new_zeros(x5.shape[0], *out_grid, x5.shape[-1], dtype=acc)
-    for view in _window_views(x5, ks, ss, out_grid):
-        out.add_(view.to(acc))
-    return out.div_(kk)
-
-
-def _weighted_window_sum(x5: torch.Tensor, weights: torch.Tensor, ks, ss, out_grid) -> torch.Tensor:
-    """``Σ_k weights[..., k] · window_k(x)``: ``x5 [B, T, H, W, C]``, ``weights [B, T', H', W', K]`` → ``[B, T', H', W', C]``
-    in the weights' dtype."""
-    kk, acc = weights.shape[-1], weights.dtype
-    if kk > _OFFSET_SUM_MAX_K and all(k == s for k, s in zip(ks, ss)):
-        return torch.einsum("bthwck,bthwk->bthwc", _unfold3(x5.to(acc), ks, ss), weights)
-    out = x5.new_zeros(x5.shape[0], *out_grid, x5.shape[-1], dtype=acc)
-    for k, view in enumerate(_window_views(x5, ks, ss, out_grid)):
-        out.addcmul_(view.to(acc), weights[..., k:k + 1])
-    return out

@@ -6,6 +6,7 @@ Test support only (imports torch and transformers, never pytest); the checks the
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vlmcompress.merge import bipartite_soft_matching
 from vlmcompress.pool import grid_for_budget
@@ -131,13 +131,16 @@ def planned_tokens(n: int, grid, config, *, tail: int = 0) -> int:
 
 def window_pool(values: torch.Tensor, grid, out_grid, op: str = "avg") -> torch.Tensor:
     """Average (``op="avg"``) or minimum (``"min"``) of ``values [N, C]``, raster order on ``grid``
-    (T, H, W), over PPLLaVA's windows (stride ``I // O``, kernel ``I - (O-1)·stride`` per axis) down to
-    ``out_grid``. Returns ``[prod(out_grid), C]`` in raster order, computed with torch pooling."""
-    ks = [i - (o - 1) * (i // o) for i, o in zip(grid, out_grid)]
-    ss = [i // o for i, o in zip(grid, out_grid)]
-    x = values.T.reshape(1, -1, *grid)
-    y = F.avg_pool3d(x, ks, ss) if op == "avg" else -F.max_pool3d(-x, ks, ss)
-    return y.reshape(values.shape[1], -1).T
+    (T, H, W), over the pooling windows down to ``out_grid`` (per axis, window ``j`` is positions
+    ``[ceil(j·I/O), ceil((j+1)·I/O))``), computed window by window. Returns ``[prod(out_grid), C]`` in
+    raster order."""
+    bins = [[(-(-j * i // o), -(-(j + 1) * i // o)) for j in range(o)] for i, o in zip(grid, out_grid)]
+    x = values.reshape(*grid, values.shape[1])
+    rows = []
+    for (t0, t1), (h0, h1), (w0, w1) in itertools.product(*bins):
+        win = x[t0:t1, h0:h1, w0:w1].reshape(-1, values.shape[1])
+        rows.append(win.mean(0) if op == "avg" else win.min(0).values)
+    return torch.stack(rows)
 
 
 def merge_groups(feats: torch.Tensor, target: int) -> list[torch.Tensor]:
