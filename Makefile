@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) -P benchmarks/ops.py
 	$(PY) -P benchmarks/kernels.py
 	$(PY) -P benchmarks/prefill.py
+	$(PY) -P benchmarks/tower.py --vision-layers 4
 
 clean:
 	rm -rf $(VENV) $(NEWEST) build *.egg-info

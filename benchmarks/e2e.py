@@ -97,6 +97,8 @@ def settings(family: str) -> list[Setting]:
         Setting("B: pool 0.1", lambda: C.from_steps(pool)),
         Setting("skip + B 0.1", lambda: C.from_steps(skip, pool)),
         Setting("A 0.5 + skip", lambda: C.from_steps(skip, vision_keep=0.5), stage_a=True),
+        Setting("A 0.75 + skip", lambda: C.from_steps(skip, vision_keep=0.75), stage_a=True),
+        Setting("A 0.9 + skip", lambda: C.from_steps(skip, vision_keep=0.9), stage_a=True),
         Setting("A 0.5 + skip + B 0.1", lambda: C.from_steps(skip, pool, vision_keep=0.5), stage_a=True),
         Setting("A 0.5 + skip + B 0.25", lambda: C.from_steps(skip, pool25, vision_keep=0.5), stage_a=True),
         Setting("skip + B 0.25", lambda: C.from_steps(skip, pool25)),
