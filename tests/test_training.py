@@ -116,6 +116,23 @@ def test_cli_errors(capsys):
         train_vlm.main(["--family", "qwen2_vl", "--out", "/tmp/never-written", "--init", "/nonexistent/run"])
     assert "--init /nonexistent/run: no finished run there" in capsys.readouterr().err
     assert not Path("/tmp/never-written").exists()            # refused before anything is written
+    for bad in ("1.5", "-0.1", "half"):
+        with pytest.raises(SystemExit):
+            train_vlm.main(["--family", "qwen2_vl", "--out", "/tmp/never-written", "--count-share", bad])
+        assert "--count-share: must be a fraction in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("share,kinds", [(1.0, {"count"}), (0.0, {"object"})])
+def test_count_share_sets_the_spatial_mix(share, kinds):
+    import random
+
+    from vlmcompress.training.build import seeing_processor
+
+    processor = seeing_processor("qwen2_vl")
+    _, scenes = train_vlm._batch(processor, "spatial", random.Random(0), 3, 6, 2, 0.0, share)
+    assert {s.kind for s in scenes} == kinds
+    _, default = train_vlm._batch(processor, "spatial", random.Random(0), 3, 32, 2, 0.0)
+    assert {s.kind for s in default} == {"object", "count"}      # the default mix has both
 
 
 def test_aux_cell_labels_mark_what_is_drawn():

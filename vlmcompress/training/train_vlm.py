@@ -104,8 +104,11 @@ def v2pe_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, visual
     return torch.cat(rows, 0)
 
 
-def _batch(processor, group: str, rng: random.Random, step_seed: int, batch: int, frames: int, describe_p: float):
-    weights = _GROUPS[group]["kinds"]
+def _batch(processor, group: str, rng: random.Random, step_seed: int, batch: int, frames: int, describe_p: float,
+           count_share: float | None = None):
+    weights = dict(_GROUPS[group]["kinds"])
+    if group == "spatial" and count_share is not None:
+        weights = {"object": 1.0 - count_share, "count": count_share}
     kinds = list(weights)
     chats, scenes = [], []
     for i in range(batch):
@@ -236,7 +239,7 @@ def train(args) -> Path:
         rng = random.Random(args.seed * 1_000_003 + step)  # per-step RNG: resuming reproduces the data
         group = "spatial" if rng.random() < _GROUPS["spatial"]["p"] else "temporal"
         frames = rng.choice(_frames_choices(group, args.max_frames, args.spatial_frames))
-        inputs, scenes = _batch(processor, group, rng, step, args.batch, frames, args.describe_p)
+        inputs, scenes = _batch(processor, group, rng, step, args.batch, frames, args.describe_p, args.count_share)
         labels = _labels(inputs["input_ids"], header, end_id)
         kwargs = dict(inputs)
         if args.v2pe_mix:
@@ -359,6 +362,17 @@ def export(checkpoint: str | Path, name: str, command: str | None = None, *, roo
     return dest
 
 
+def _share(text: str) -> float:
+    """A fraction in [0, 1] for argparse (a clear error otherwise)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text!r}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m vlmcompress.training.train_vlm")
     p.add_argument("--family", choices=FAMILIES)
@@ -379,6 +393,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of the LLM-level direction/count auxiliary loss (0 = off; see aux_scene)")
     p.add_argument("--shape-weight", type=float, default=1.0,
                    help="weight of the object's shape at its visual tokens inside the scene loss (0 = off)")
+    p.add_argument("--count-share", type=_share, default=_GROUPS["spatial"]["kinds"]["count"],
+                   help="fraction of the spatial scenes that are counting scenes (the rest: object scenes)")
     p.add_argument("--init", metavar="RUN", help="start from RUN's weights (a new schedule and optimiser: fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
