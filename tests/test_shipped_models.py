@@ -43,6 +43,9 @@ def test_sees_the_held_out_split(shipped):
     result = evaluate(model, processor, items, [], batch_size=8)
     for task, bar in LEARNED.items():
         assert result.row("none", task)["accuracy"] >= bar, (task, result.table())
+    # The bar for this check: >= 90 % on the held-out sample as a whole.
+    mean = sum(result.row("none", task)["accuracy"] for task in LEARNED) / len(LEARNED)
+    assert mean >= 0.9, result.table()
 
 
 def test_patched_at_ratio_one_is_bit_identical(shipped):
