@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcompress.testing.bench import append_csv, load_average, log, measure_memory
+from vlmcompress.testing.bench import append_csv, csv_row, load_average, log, measure_memory
 from vlmcompress.testing.bench import machine as _machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.csv"
@@ -169,10 +169,11 @@ def inputs_for(processor, clip: np.ndarray) -> dict:
 
 # --- FLOPs of the tower blocks ------------------------------------------------------------------------
 
-def _block_flops(n_in: int, n_out: int, segments_in: list[int], d: int, mlp: int) -> float:
-    """One ToMe block: q,k,v,o and attention at ``n_in`` tokens (per segment), the MLP at ``n_out``."""
+def block_flops(n_in: int, n_out: int, segments_in: list[int], d: int, mlp: int, mlp_matrices: int = 2) -> float:
+    """One ToMe block: q,k,v,o and attention at ``n_in`` tokens (per segment), the MLP at ``n_out``
+    (``mlp_matrices`` of ``d × mlp``: 3 for a gated MLP such as Qwen2.5-VL's)."""
     attention = sum(4 * s * s * d for s in segments_in)
-    return 2 * n_in * 4 * d * d + attention + 2 * n_out * 2 * d * mlp
+    return 2 * n_in * 4 * d * d + attention + 2 * n_out * mlp_matrices * d * mlp
 
 
 def tower_ideal(family: str, model, grid_or_frames, config) -> float:
@@ -195,11 +196,11 @@ def tower_ideal(family: str, model, grid_or_frames, config) -> float:
     full = merged = 0.0
     counts = [n for n, _ in segs]
     for layer in range(layers):
-        full += _block_flops(sum(counts) * per, sum(counts) * per, [c * per for c, _ in segs], d, mlp)
+        full += block_flops(sum(counts) * per, sum(counts) * per, [c * per for c, _ in segs], d, mlp)
     counts = [n for n, _ in segs]
     for layer in range(layers):
         after = [c - s[layer] for c, (_, s) in zip(counts, segs)]
-        merged += _block_flops(sum(counts) * per, sum(after) * per, [c * per for c in counts], d, mlp)
+        merged += block_flops(sum(counts) * per, sum(after) * per, [c * per for c in counts], d, mlp)
         counts = after
     return full / merged
 
@@ -416,12 +417,6 @@ def print_table(rows, args) -> None:
               f"{r['decode_tok_s']:.1f} | {r['peak_mb']:.0f} | {r['kv_mb']:.1f} | {acc} |")
 
 
-def _fmt(v):
-    if isinstance(v, float):
-        return round(v, 4)
-    return "" if v is None else v
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", nargs="+", default=["onevision", "qwen2_vl"], choices=["onevision", "qwen2_vl"])
@@ -457,7 +452,7 @@ def main(argv=None) -> int:
             r.pop("_vision", None)
         print_table(rows, args)
         if not args.no_csv and not args.quick:
-            written = append_csv(RESULTS, FIELDS, ({k: _fmt(r.get(k)) for k in FIELDS} for r in rows))
+            written = append_csv(RESULTS, FIELDS, (csv_row(r, FIELDS) for r in rows))
             print(f"\nappended {written} rows to {RESULTS}", flush=True)
     return 0
 

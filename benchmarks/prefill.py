@@ -69,7 +69,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from vlmcompress.testing.bench import append_csv, load_average, log, measure_memory
+from vlmcompress.testing.bench import append_csv, csv_row, load_average, log, measure_memory
 from vlmcompress.testing.bench import machine as _machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prefill.csv"
@@ -379,15 +379,9 @@ def main(argv=None) -> int:
     rows = [{**common, **r} for r in rows]
     print_table(rows, args)
     if not args.no_csv and not args.quick:
-        written = append_csv(RESULTS, FIELDS, ({k: _fmt(r.get(k)) for k in FIELDS} for r in rows))
+        written = append_csv(RESULTS, FIELDS, (csv_row(r, FIELDS) for r in rows))
         print(f"\nappended {written} rows to {RESULTS}")
     return 0
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return round(v, 4)
-    return "" if v is None else v
 
 
 def print_table(rows, args) -> None:

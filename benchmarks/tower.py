@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from vlmcompress.testing.bench import append_csv, load_average, log, machine
+from vlmcompress.testing.bench import append_csv, csv_row, load_average, log, machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "tower.csv"
@@ -209,14 +209,6 @@ def encoder_modality(model, modality: str) -> str:
 
 # --- FLOPs of the timed span, in closed form ------------------------------------------------------------
 
-def block_flops(n_in: int, n_out: int, segments_in: list[int], d: int, mlp: int, mlp_matrices: int = 2) -> float:
-    """One ToMe block: q,k,v,o and attention at ``n_in`` tokens (per segment), the MLP at ``n_out``.
-
-    ``benchmarks/e2e.py``'s ``_block_flops`` with the MLP's matrix count (3 for a gated MLP: Qwen2.5-VL)."""
-    attention = sum(4 * s * s * d for s in segments_in)
-    return 2 * n_in * 4 * d * d + attention + 2 * n_out * mlp_matrices * d * mlp
-
-
 def _linear_flops(module: torch.nn.Module, rows: int) -> float:
     return sum(2 * rows * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
 
@@ -305,8 +297,9 @@ def span_flops(model, counts: Counts) -> float:
     blocks, qwen = _blocks(model)
     mlp = [m for m in blocks[0].mlp.modules() if isinstance(m, torch.nn.Linear)]
     d, width = mlp[0].in_features, mlp[0].out_features
-    total = 2 * counts.tokens_in * _patch_conv(model).weight[0].numel() * _patch_conv(model).out_channels
-    total += sum(block_flops(sum(segs), n_out, segs, d, width, len(mlp)) for segs, n_out in counts.layers)
+    conv = _patch_conv(model)
+    total = 2 * counts.tokens_in * conv.weight[0].numel() * conv.out_channels
+    total += sum(e2e.block_flops(sum(segs), n_out, segs, d, width, len(mlp)) for segs, n_out in counts.layers)
     if qwen is not None:
         taps = [i for i in (getattr(qwen, "deepstack_visual_indexes", None) or []) if i < len(blocks)]
         mergers = [qwen.merger, *list(getattr(qwen, "deepstack_merger_list", []))[:len(taps)]]
@@ -443,12 +436,6 @@ def print_table(rows: list[dict], args) -> None:
               f"{r['ideal']:.2f}x | {r['measured_over_ideal']:.0%} |")
 
 
-def _fmt(v):
-    if isinstance(v, float):
-        return round(v, 4)
-    return "" if v is None else v
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--towers", nargs="+", default=[t.key for t in TOWERS], choices=list(BY_KEY))
@@ -482,7 +469,7 @@ def main(argv=None) -> int:
             log(f"{key}: {row['note']}")
         # Stored tower by tower: a run cut short keeps what it measured.
         if not (args.no_csv or args.quick or args.tiny):
-            append_csv(RESULTS, FIELDS, [{k: _fmt(row.get(k)) for k in FIELDS}])
+            append_csv(RESULTS, FIELDS, [csv_row(row, FIELDS)])
     print_table(rows, args)
     if not (args.no_csv or args.quick or args.tiny):
         print(f"\nappended {len(rows)} rows to {RESULTS}", flush=True)

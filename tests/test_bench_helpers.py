@@ -1,7 +1,7 @@
 """The plumbing the benchmark scripts share (vlmcompress.testing.bench)."""
 import csv
 
-from vlmcompress.testing.bench import append_csv, machine, status_kb
+from vlmcompress.testing.bench import append_csv, csv_row, machine, status_kb
 
 
 def test_append_csv_writes_the_header_once(tmp_path):
@@ -10,6 +10,11 @@ def test_append_csv_writes_the_header_once(tmp_path):
     assert append_csv(path, ["a", "b"], ({"a": i, "b": -i} for i in range(3))) == 3
     rows = list(csv.DictReader(path.open()))
     assert [r["a"] for r in rows] == ["1", "0", "1", "2"]
+
+
+def test_csv_row_rounds_floats_and_blanks_missing_values():
+    row = {"a": 1.234567891, "b": None, "c": "x", "d": 3, "extra": 1}
+    assert csv_row(row, ["a", "b", "c", "d", "e"]) == {"a": 1.2346, "b": "", "c": "x", "d": 3, "e": ""}
 
 
 def test_machine_and_memory_counters():

@@ -56,7 +56,6 @@ def windows(grid, out_grid):
 def naive_pool(state, grid, out_grid, relevance, tau):
     """Loop-over-windows reference of prompt_guided_pool's x, pos and size (float64)."""
     wins = windows(grid, out_grid)
-    owned = wins
     xs, ps, ss = [], [], []
     for b in range(state.batch):
         xo, po, so = [], [], []
@@ -65,7 +64,7 @@ def naive_pool(state, grid, out_grid, relevance, tau):
             wgt = torch.softmax(r / tau, 0)
             xo.append((wgt[:, None] * state.x[b, idx].double()).sum(0))
             po.append((wgt[:, None] * state.pos[b, idx].double()).sum(0))
-            so.append(state.size[b, owned[len(so)]].double().sum())
+            so.append(state.size[b, idx].double().sum())
         xs.append(torch.stack(xo)), ps.append(torch.stack(po)), ss.append(torch.stack(so))
     return torch.stack(xs), torch.stack(ps), torch.stack(ss)
 

@@ -91,11 +91,11 @@ def grid_for_budget(grid, budget: int, *, keep_time: bool = False) -> tuple[int,
        except that an axis never goes below 1 or above its input size; ``r`` is chosen so the ideal
        product equals the budget (bisection on a monotone function). With ``keep_time`` the time axis is
        fixed at ``T`` and only ``H, W`` share the per-frame budget ``budget // T``.
-    3. Integer candidates: each axis within one of the floor or the ceiling of its ideal size, plus each such
+    3. Integer candidates: each axis within two of the floor or the ceiling of its ideal size, plus each such
        combination with one axis instead raised (or lowered) to the most the budget allows. Among those
        that fit, the winner maximises ``log(T'·H'·W') − Σ_a (log o_a − log e_a)²`` (more tokens,
        close to the ideal shape); ties go to the lexicographically largest ``(T', H', W')``.
-    4. Greedy fill of what rounding left over: repeatedly grow to its next allowed size the axis furthest
+    4. Greedy fill of what rounding left over: repeatedly grow by one the axis furthest
        below its ideal (smallest ``o_a / e_a``, ties to the earlier axis) among those that can still grow
        within the budget and the input size, until none can.
 
@@ -143,16 +143,14 @@ def _fit_axes(sizes: tuple[int, ...], budget: int) -> tuple[int, ...]:
     # Candidates: every axis within one of the floor/ceiling of its ideal, and the same with one axis
     # instead filled to the most the budget allows (rounding can leave a size-2 axis at 1 and waste
     # half the budget; filling another axis recovers it). At most 4^3·4 = 256 candidates.
-    allowed = [list(range(1, s + 1)) for s in sizes]
-    options = [_near(sizes_a, e) for sizes_a, e in zip(allowed, target)]
+    options = [_near(s, e) for s, e in zip(sizes, target)]
     candidates = set()
     for c in itertools.product(*options):
         candidates.add(c)
         for a in range(len(sizes)):
-            rest = math.prod(c) // c[a]
-            fill = [o for o in allowed[a] if o <= budget // rest]
-            if fill:
-                candidates.add(c[:a] + (fill[-1],) + c[a + 1:])
+            fill = min(sizes[a], budget // (math.prod(c) // c[a]))
+            if fill >= 1:
+                candidates.add(c[:a] + (fill,) + c[a + 1:])
     candidates = [c for c in candidates if min(c) >= 1 and math.prod(c) <= budget]
 
     def key(c):
@@ -168,21 +166,16 @@ def _fit_axes(sizes: tuple[int, ...], budget: int) -> tuple[int, ...]:
     while True:
         order = sorted(range(len(sizes)), key=lambda a: (best[a] / target[a], a))
         for a in order:
-            bigger = [o for o in allowed[a] if o > best[a]]
-            if bigger and math.prod(best) // best[a] * bigger[0] <= budget:
-                best[a] = bigger[0]
+            if best[a] < sizes[a] and math.prod(best) // best[a] * (best[a] + 1) <= budget:
+                best[a] += 1
                 break
         else:
             return tuple(best)
 
 
-def _near(allowed: list[int], ideal: float) -> list[int]:
-    """The allowed sizes within one of the ideal's floor/ceiling, and the nearest one on either side."""
-    lo, hi = math.floor(ideal) - 1, math.ceil(ideal) + 1
-    near = [o for o in allowed if lo <= o <= hi]
-    below = [o for o in allowed if o < lo]
-    above = [o for o in allowed if o > hi]
-    return sorted(set(near + below[-1:] + above[:1]))
+def _near(size: int, ideal: float) -> range:
+    """The sizes in ``[1, size]`` within two of the ideal's floor/ceiling."""
+    return range(max(1, math.floor(ideal) - 2), min(size, math.ceil(ideal) + 2) + 1)
 
 
 def pool_partition(grid, out_grid, device=None) -> torch.Tensor:
@@ -276,8 +269,6 @@ def prompt_guided_pool(
     b, n, c = state.x.shape
     if math.prod(grid) != n:
         raise ValueError(f"grid {grid} holds {math.prod(grid)} tokens but state has N={n}; prompt_guided_pool needs exactly the grid tokens (no prefix)")
-    for a, i, o in zip(_AXES, grid, out_grid):
-        pool_bins(i, o, axis=a)
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise TypeError(f"tau must be a float, got {type(tau).__name__}")
     if not (math.isfinite(tau) and tau > 0):

@@ -69,6 +69,16 @@ def measure_memory(fn):
     return out, peak, wall
 
 
+def csv_row(row: dict, fields: list[str]) -> dict:
+    """``row`` restricted to ``fields`` for :func:`append_csv`: floats rounded to 4 places, missing or
+    ``None`` values empty."""
+    out = {}
+    for k in fields:
+        v = row.get(k)
+        out[k] = round(v, 4) if isinstance(v, float) else ("" if v is None else v)
+    return out
+
+
 def append_csv(path, fields: list[str], rows) -> int:
     """Append ``rows`` (dicts) to the CSV at ``path``, writing the header when the file is new.
     Returns how many rows were written."""

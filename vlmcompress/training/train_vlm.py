@@ -106,7 +106,7 @@ def v2pe_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, visual
 
 def _batch(processor, group: str, rng: random.Random, step_seed: int, batch: int, frames: int, describe_p: float,
            count_share: float | None = None):
-    weights = dict(_GROUPS[group]["kinds"])
+    weights = _GROUPS[group]["kinds"]
     if group == "spatial" and count_share is not None:
         weights = {"object": 1.0 - count_share, "count": count_share}
     kinds = list(weights)
