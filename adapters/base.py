@@ -35,6 +35,10 @@ class EncodedItems:
         frame_skips: optional, per item, the :class:`vlmcompress.frame_skip.FrameSelection` of an item
             whose near-duplicate frames were skipped before the tower (``None``: not skipped); the
             report lists them (``ItemReport.skipped_frames``).
+        token_frames: optional, per item whose ``grids[i]`` is ``None``, ``T`` when its features are still
+            ``T`` consecutive equal blocks, one per frame (Qwen-VL after merging inside the tower: each
+            temporal patch keeps the same number of merged units), so temporal merging can follow where
+            pooling cannot; ``None`` otherwise.
     """
 
     features: list[torch.Tensor]
@@ -44,6 +48,7 @@ class EncodedItems:
     keep_tail: list[int] | None = None
     extras: list[list[torch.Tensor]] | None = None
     frame_skips: list | None = None
+    token_frames: list[int | None] | None = None
 
 
 class FamilyAdapter:

@@ -41,6 +41,7 @@ class _Item:
     frames: object = None                 # zero-argument callable giving the item's frames (relevance scorers)
     extra_widths: tuple[int, ...] = ()    # channels of EncodedItems.extras appended to state.x
     skipped: list[int] | None = None      # EncodedItems.frame_skips[i].skipped
+    token_frames: int | None = None       # EncodedItems.token_frames[i]
 
 
 def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: dict, *,
@@ -99,8 +100,10 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
             tail = int(enc.keep_tail[i]) if enc.keep_tail is not None else 0
             state, widths = _append_extras(state, enc, i, modality)
             skips = getattr(enc, "frame_skips", None)
+            blocks = getattr(enc, "token_frames", None)
             item = _Item(modality, row, c, state, enc.grids[i], tail=tail, extra_widths=widths,
                          skipped=list(skips[i].skipped) if skips and skips[i] is not None else None,
+                         token_frames=blocks[i] if blocks else None,
                          frames=_frames_source(adapter, modality, kwargs, i, relevance_frames, len(items)))
             encoded[modality].append(item)
             items.append(item)
@@ -115,7 +118,8 @@ def prepare_inputs(adapter: FamilyAdapter, config: CompressionConfig, kwargs: di
         width = item.state.x.shape[-1] - sum(item.extra_widths)
         item.state = _compress_keeping_tail(item.state, item.tail, item.grid, config,
                                             _question_for(question, item.row),
-                                            width if item.extra_widths else None, frames=item.frames)
+                                            width if item.extra_widths else None, frames=item.frames,
+                                            token_frames=item.token_frames)
         item.state = _order_by_first_source(item.state)
         item.anchors = _anchors(item.state).to(item.slots.device)   # features may live on another device
         report.items.append(ItemReport(item.modality, item.row, item.slots.numel(), before, item.state.num_tokens,

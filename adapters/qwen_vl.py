@@ -65,12 +65,10 @@ class QwenVLAdapter(FamilyAdapter):
         self._skip = steps[0] if steps and isinstance(steps[0], FrameSkip) else None
         self.frame_skips = []        # per video of the last call: its FrameSelection (kept / skipped temporal patches)
         if config.compresses_vision:
-            if any(isinstance(s, TemporalMerge) or isinstance(s, PromptGuidedPool) and s.relevance is not None
-                   for s in steps):
-                raise ValueError("vision_keep < 1 on Qwen-VL leaves no token grid after the tower, so temporal merging "
-                                 "(temporal_threshold / temporal_keep / TemporalMerge) and relevance-guided pooling "
-                                 "cannot follow it; use keep_ratio / token_budget (merged to the budget) or FrameSkip "
-                                 "with stage A, or stage B alone")
+            if any(isinstance(s, PromptGuidedPool) and s.relevance is not None for s in steps):
+                raise ValueError("vision_keep < 1 on Qwen-VL leaves no token grid after the tower, so relevance-guided "
+                                 "pooling cannot follow it; use keep_ratio / token_budget (merged to the budget), "
+                                 "TemporalMerge or FrameSkip with stage A, or stage B alone")
             from .qwen_vision_merge import QwenVisionMerge
 
             self._vision = QwenVisionMerge(self.base.visual, config)
@@ -88,11 +86,14 @@ class QwenVLAdapter(FamilyAdapter):
         return kwargs[self.trigger_keys[modality]], grid_thw
 
     def _merged(self, modality: str, kwargs: dict):
-        """Stage-A encode: the merging run of the tower, the grids queued for ``grid_to_positions``."""
+        """Stage-A encode: the merging run of the tower, the grids queued for ``grid_to_positions``, and
+        per item its temporal patches (``EncodedItems.token_frames``: every temporal patch keeps the same
+        number of merged units, frame after frame)."""
         pixels, grid_thw = self._pixels_and_grid(modality, kwargs)
         out = self._vision(pixels, grid_thw)
         self._pending_grids = list(self.token_grids(grid_thw))
-        return out
+        blocks = [int(t) if f.shape[0] % int(t) == 0 else None for f, (t, _, _) in zip(out.features, grid_thw.tolist())]
+        return out, blocks
 
     def grid_to_positions(self, item_positions, grid_pos, grid):
         """Merge-record centroids ``(t, h', w')`` ``[M, 3]`` (in the item's full LLM-token grid) to M-RoPE
@@ -163,7 +164,7 @@ class QwenVLAdapter(FamilyAdapter):
         grids = [None] * len(full) if enc.states is not None else \
             [(len(s.kept), g[1], g[2]) for s, g in zip(selections, full)]
         return EncodedItems(enc.features, grids, [t * h * w for t, h, w in full], states, extras=enc.extras,
-                            frame_skips=selections)
+                            frame_skips=selections, token_frames=enc.token_frames)
 
     def encode(self, modality: str, kwargs: dict) -> EncodedItems:
         if modality == "video" and getattr(self, "_skip", None) is not None:
@@ -172,9 +173,9 @@ class QwenVLAdapter(FamilyAdapter):
 
     def _encode(self, modality: str, kwargs: dict) -> EncodedItems:
         if getattr(self, "_vision", None) is not None:
-            out = self._merged(modality, kwargs)
+            out, blocks = self._merged(modality, kwargs)
             return EncodedItems(out.features, [None] * len(out.features),
-                                [s.source.shape[1] for s in out.states], out.states)
+                                [s.source.shape[1] for s in out.states], out.states, token_frames=blocks)
         out, grid_thw = self._features(modality, kwargs)
         feats, grids = self._checked(modality, out, grid_thw)
         return EncodedItems(feats, grids, [f.shape[0] for f in feats])
@@ -256,11 +257,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def _encode(self, modality: str, kwargs: dict) -> EncodedItems:
         if getattr(self, "_vision", None) is not None:
-            out = self._merged(modality, kwargs)
+            out, blocks = self._merged(modality, kwargs)
             # DeepStack taps already hold the final units (they merged along inside the tower).
             extras = [[layer[i] for layer in out.deepstack] for i in range(len(out.features))] if out.deepstack else None
             return EncodedItems(out.features, [None] * len(out.features),
-                                [s.source.shape[1] for s in out.states], out.states, extras=extras)
+                                [s.source.shape[1] for s in out.states], out.states, extras=extras,
+                                token_frames=blocks)
         out, grid_thw = self._features(modality, kwargs)
         feats, grids = self._checked(modality, out, grid_thw)
         layers = out.deepstack_features or []

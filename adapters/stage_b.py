@@ -10,18 +10,20 @@ from vlmcompress.state import TokenState
 
 
 def compress_item(state: TokenState, grid, config: CompressionConfig, *, question: str | None = None,
-                  metric_channels: int | None = None, frames=None) -> TokenState:
+                  metric_channels: int | None = None, frames=None, token_frames: int | None = None) -> TokenState:
     """Stage B for one item (``state`` holds a batch of one): ``config.stage_b_steps()`` applied in order
     (:func:`vlmcompress.steps.apply_steps`). With ``metric_channels``, similarity and relevance look only
     at the first ``metric_channels`` feature channels; the rest (``EncodedItems.extras``) ride along with
     the same weights. ``frames`` (the item's frames, or a zero-argument callable returning them) go to a
-    relevance scorer that scores pixels (``score``)."""
+    relevance scorer that scores pixels (``score``). ``token_frames``: ``T`` when a grid-less item's tokens
+    are still ``T`` equal blocks, one per frame (:attr:`EncodedItems.token_frames`)."""
     from vlmcompress.steps import StepContext, apply_steps
 
     steps = config.stage_b_steps()
     if not steps:
         return state
-    ctx = StepContext(question=question, frames=_scorer_frames(frames), metric_channels=metric_channels)
+    ctx = StepContext(question=question, frames=_scorer_frames(frames), metric_channels=metric_channels,
+                      token_frames=None if grid is not None else token_frames)
     state, _ = apply_steps(state, grid, steps, ctx)
     return state
 
@@ -39,17 +41,18 @@ def _scorer_frames(frames):
 
 
 def _compress_keeping_tail(state: TokenState, tail: int, grid, config: CompressionConfig, question,
-                           metric_channels: int | None = None, frames=None) -> TokenState:
+                           metric_channels: int | None = None, frames=None, token_frames: int | None = None) -> TokenState:
     """``compress_item`` on all but the last ``tail`` tokens, which are appended unchanged."""
     if not tail:
         return compress_item(state, grid, config, question=question, metric_channels=metric_channels,
-                             frames=frames)
+                             frames=frames, token_frames=token_frames)
     n = state.num_tokens
     if not 0 < tail < n:
         raise ValueError(f"keep_tail must be in [0, {n}) for an item of {n} tokens, got {tail}")
     head = TokenState(state.x[:, :n - tail], state.size[:, :n - tail], state.pos[:, :n - tail],
                       torch.arange(n - tail, device=state.x.device).unsqueeze(0))
-    head = compress_item(head, grid, config, question=question, metric_channels=metric_channels, frames=frames)
+    head = compress_item(head, grid, config, question=question, metric_channels=metric_channels, frames=frames,
+                         token_frames=token_frames)
     m = head.num_tokens
     # Fresh states from _initial_state have source = arange(n); compose with the head's map.
     source = torch.cat([head.source, torch.arange(m, m + tail, device=state.x.device).unsqueeze(0)], 1)

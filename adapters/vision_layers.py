@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 def _pre_norm_forward(layer, merge: "VisionMerge", index: int, hidden_states, attention_mask=None, **kwargs):
     """CLIPEncoderLayer / SiglipEncoderLayer.forward, with the merge step after attention."""
     merge._enter(index, hidden_states)
+    if merge.unread(index):
+        return hidden_states
     residual = hidden_states
     hidden_states = layer.layer_norm1(hidden_states)
     hidden_states, _ = layer.self_attn(
@@ -38,6 +40,8 @@ def _pre_norm_forward(layer, merge: "VisionMerge", index: int, hidden_states, at
 def _internvl_forward(layer, merge: "VisionMerge", index: int, hidden_states):
     """InternVLVisionLayer.forward (layer scale, norm before and after attention), with the merge step."""
     merge._enter(index, hidden_states)
+    if merge.unread(index):
+        return hidden_states
     mask = merge._attention_mask(None, hidden_states.dtype, hidden_states.device)
     extra = {} if mask is None else {"attention_mask": mask}
     attention_output, _ = layer.attention(layer.layernorm_before(hidden_states), **extra)

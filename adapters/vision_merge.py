@@ -19,9 +19,9 @@ How the tower is changed, and undone (per instance, nothing at class level):
 ``handle.remove()`` deletes exactly these. The merge record of the current forward (size, position in
 the patch grid, source map) lives on the handle, not in a global.
 
-Only the layers up to the selected hidden state merge (``feature_layer``, LLaVA's -2), so the
-selected hidden state and every later one have the same length, and :attr:`VisionMerge.states`
-describes exactly the tokens the VLM reads. The token count is known before running:
+Only the layers up to the selected hidden state merge (``feature_layer``, LLaVA's -2), and the
+layers after it do not run at all (nothing reads them; each later hidden state repeats the selected
+one), so :attr:`VisionMerge.states` describes exactly the tokens the VLM reads. The token count is known before running:
 :func:`tower_tokens_after`.
 
 One job per file: this one is the handle (install, per-forward state, remove); the closed-form
@@ -182,6 +182,16 @@ class VisionMerge:
         self._stop = merging_layers(len(self.layers), self.feature_layer)
         self.schedule = tower_schedule(n, self._stop, self.config, protected=self.protected)
         self._selected = self._state if self._stop == 0 else None
+
+    def unread(self, index: int) -> bool:
+        """Layer ``index`` comes after the hidden state the VLM reads (LLaVA's -2 skips the last layer).
+
+        Such a layer is not run when this forward merges: its output is never read, and under
+        ``unmerge_output`` it would run at the full, spread-back length. Its hidden state repeats the
+        selected one (``last_hidden_state`` too), so only ``hidden_states[feature_layer]`` is meaningful.
+        A forward that merges nothing (``vision_keep=1``) runs every layer, bit for bit the original.
+        """
+        return index >= self._stop and any(self.schedule)
 
     def _attention_mask(self, mask, dtype, device=None):
         # Before the first merge every size is 1: leave the mask alone, so nothing changes bit-wise.

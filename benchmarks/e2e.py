@@ -22,7 +22,10 @@ every other Qwen temporal patch repeats its predecessor).
 Settings (per family): unpatched; each stage alone: A (``vision_keep=0.5``), frame skipping
 (``FrameSkip(threshold=0.05)``, before the tower: per frame on LLaVA-OV, per temporal patch on Qwen), B
 (pooling to 10 % of the tokens); and the
-combinations. Every run is one ``model.generate(max_new_tokens=32, min_new_tokens=32, greedy)``:
+combinations. ``T 0.9``: temporal merging (``TemporalMerge(threshold=0.9)``, after skipping; on Qwen after
+stage A too, on the blocks of merged units each temporal patch keeps). ``LLM PA``: proportional attention
+for merged visual tokens inside the LLM (``llm_proportional_attention=True``: ``+log(size)`` on the logits
+towards a merged token, prefill and decoding). Every run is one ``model.generate(max_new_tokens=32, min_new_tokens=32, greedy)``:
 
     vision s    the encoder (``adapter.encode`` patched / ``get_video_features`` unpatched), timed inside the call
     prefill s   time to the first token minus vision: vlmcompress's input preparation + the LLM prefill
@@ -85,11 +88,13 @@ class Setting:
 def settings(family: str) -> list[Setting]:
     from vlmcompress.config import CompressionConfig as C
     from vlmcompress.frame_skip import FrameSkip
-    from vlmcompress.steps import PromptGuidedPool
+    from vlmcompress.steps import PromptGuidedPool, TemporalMerge
 
     skip = FrameSkip(threshold=0.05)
     pool = PromptGuidedPool(keep_ratio=0.1)
     pool25 = PromptGuidedPool(keep_ratio=0.25)
+    temporal = TemporalMerge(threshold=0.9)
+    pa = dict(llm_proportional_attention=True)
     return [
         Setting("unpatched", None),
         Setting("A: vision_keep 0.5", lambda: C(vision_keep=0.5), stage_a=True),
@@ -102,6 +107,10 @@ def settings(family: str) -> list[Setting]:
         Setting("A 0.5 + skip + B 0.1", lambda: C.from_steps(skip, pool, vision_keep=0.5), stage_a=True),
         Setting("A 0.5 + skip + B 0.25", lambda: C.from_steps(skip, pool25, vision_keep=0.5), stage_a=True),
         Setting("skip + B 0.25", lambda: C.from_steps(skip, pool25)),
+        Setting("skip + T 0.9, LLM PA", lambda: C.from_steps(skip, temporal, **pa)),
+        Setting("A 0.6 + skip, LLM PA", lambda: C.from_steps(skip, vision_keep=0.6, **pa), stage_a=True),
+        Setting("A 0.6 + skip + T 0.9, LLM PA", lambda: C.from_steps(skip, temporal, vision_keep=0.6, **pa), stage_a=True),
+        Setting("A 0.5 + skip + T 0.9, LLM PA", lambda: C.from_steps(skip, temporal, vision_keep=0.5, **pa), stage_a=True),
     ]
 
 
@@ -295,7 +304,8 @@ def _accuracy(name: str, setting: Setting, args) -> float:
 
     cache = _ACC_MODELS.setdefault(name, models.load(name))
     model, processor = cache
-    samples = list(synthetic.benchmark(per_task=args.accuracy_per_task, frames=args.accuracy_frames))
+    samples = list(synthetic.benchmark(per_task=args.accuracy_per_task, frames=args.accuracy_frames,
+                                       start=args.accuracy_start))
     config = setting.make() if setting.make is not None else None
     right = 0
     for s in samples:
@@ -378,7 +388,7 @@ def run_family(family: str, args, common: dict) -> list[dict]:
             row.update(speedup=base["e2e_s"] / row["e2e_s"], speedup_min=min(ratios), speedup_max=max(ratios),
                        vision_speedup=base["vision_s"] / row["vision_s"], vision_speedup_min=min(tower),
                        vision_speedup_max=max(tower))
-            if case["setting"].stage_a and not case["setting"].name.startswith("A 0.5 +"):
+            if case["setting"].stage_a and case["setting"].name.startswith("A:"):     # stage A alone
                 row["vision_ideal"] = tower_ideal(family, model, grid if grid is not None else frames, case["config"])
             if args.accuracy_per_task:
                 acc = accuracy(family, case["setting"], args)
@@ -428,6 +438,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", help="only settings whose name contains one of these (plus unpatched)")
     p.add_argument("--accuracy-per-task", type=int, default=10, help="synthetic samples per task (0: no accuracy)")
     p.add_argument("--accuracy-frames", type=int, default=16)
+    p.add_argument("--accuracy-start", type=int, default=0,
+                   help="first test item of every task (items not used to choose the settings)")
     p.add_argument("--quick", action="store_true", help="2-layer models, 4 frames, 1 round: plumbing check only")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a shared, "
                    "overloaded machine avoids OpenMP threads waiting for each other")

@@ -10,7 +10,7 @@ Usage:
 Towers (random weights, no download, real widths; fp32, SDPA), each through the adapter of a family that uses it:
 
     clip        CLIP ViT-L/14-336 (LLaVA-1.5): 1024 wide, 16 heads, MLP 4096, 24 layers; 336 px, 576 patches + CLS;
-                merges up to the layer LLaVA reads (-2), the last layer runs on the merged tokens
+                merges up to the layer LLaVA reads (-2); the unread last layer does not run under stage A
     siglip      SigLIP-so400m (LLaVA-OneVision): 1152 wide, 16 heads, MLP 4304, 26 layers; 384 px, 729 patches
     internvit   InternViT-300M (InternVL3, HF format): 1024 wide, 16 heads, MLP 4096, 24 layers; 448 px, 1024
                 patches + CLS
@@ -227,10 +227,9 @@ class Counts:
 def vit_counts(model, inputs: dict, config) -> Counts:
     """CLIP / SigLIP / InternViT under :mod:`adapters.vision_merge`: every image/frame is one attention segment
     of ``patches + protected`` tokens; layers up to the selected hidden state merge (``tower_schedule``);
-    after it the merged tokens run on, or (families whose code needs the full grid) are spread back to
-    every patch."""
+    the layers after it (LLaVA reads -2) do not run when anything merges."""
     from vlmcompress.adapters.registry import adapter_for
-    from vlmcompress.adapters.vision_merge import TowerOnlyMerge, merging_layers, tower_schedule
+    from vlmcompress.adapters.vision_merge import merging_layers, tower_schedule
 
     adapter = adapter_for(model)
     layers = _blocks(model)[0]
@@ -241,14 +240,14 @@ def vit_counts(model, inputs: dict, config) -> Counts:
     patch = v.patch_size[0] if isinstance(v.patch_size, list) else v.patch_size
     patches = (side // patch) ** 2
     protected = getattr(adapter, "vision_protected", 1)
-    unmerge = isinstance(adapter, TowerOnlyMerge)      # the selected hidden state is spread back to every patch
     n = patches + protected
     stop = merging_layers(len(layers), getattr(model.config, "vision_feature_layer", -1))
     schedule = tower_schedule(n, stop, config, protected=protected) if config is not None else []
     out, count = [], n
     for index in range(len(layers)):
-        if index == stop and unmerge:
-            count = n
+        if index >= stop and any(schedule):
+            out.append(([0] * images, 0))      # unread: not run (adapters.vision_merge.VisionMerge.unread)
+            continue
         after = count - (schedule[index] if index < len(schedule) else 0)
         out.append(([count] * images, after * images))
         count = after

@@ -197,8 +197,14 @@ def test_bad_settings_raise_clear_errors():
     with pytest.raises(TypeError, match="Qwen-VL vision merging supports"):
         QwenVisionMerge(clip_tower, CompressionConfig(vision_keep=0.5))
     model = cached_model("qwen2_vl")
-    with pytest.raises(ValueError, match="no token grid after the tower"):
-        patch(model, CompressionConfig(vision_keep=0.5, temporal_keep=0.5))
+
+    class Scorer:
+        def score_features(self, question, features, grid):
+            return features[..., 0]
+
+    relevance = CompressionConfig(vision_keep=0.5, keep_ratio=0.25, relevance=Scorer())
+    with pytest.raises(ValueError, match="no token grid after the tower, so relevance-guided pooling"):
+        patch(model, relevance)
     assert getattr(model, "vlmcompress", None) is None and "forward" not in model.__dict__
     with pytest.raises(ValueError, match="vision_keep"):
         CompressionConfig(vision_keep=0.0)
@@ -215,3 +221,43 @@ def test_merged_layers_rotate_at_fractional_centroids(monkeypatch):
     QwenVisionMerge(tower, CompressionConfig(vision_keep=0.5, vision_ramp=0.5))(pixels, grid)
     assert len(seen) == 2          # the tower's positions, then the centroids after the layer-0 merge
     assert bool((seen[1] != seen[1].round()).any())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_temporal_merging_follows_stage_a(family):
+    """Stage A leaves no grid, but every temporal patch keeps the same number of merged units, frame after
+    frame (EncodedItems.token_frames): temporal merging runs on those blocks. At threshold -1 every token
+    of a later temporal patch merges into the one before it, so one block's worth is left."""
+    from vlmcompress.schedule import kept_count
+    from vlmcompress.steps import TemporalMerge
+
+    model = cached_model(family)
+    inputs = _inputs(family, "video")
+    grids = inputs["video_grid_thw"]
+    tower = qwen_tokens_after(grids, model.model.visual.config, CompressionConfig(vision_keep=0.5))
+    patch(model, CompressionConfig.from_steps(TemporalMerge(threshold=-1.0), vision_keep=0.5))
+    try:
+        cached = generate_tokens(model, inputs)
+        report = model.vlmcompress.report
+        assert [it.after_vision for it in report.items] == tower
+        frames = [int(t) for t in grids[:, 0].tolist()]
+        assert min(frames) > 1
+        assert [it.after_compress for it in report.items] == [n // t for n, t in zip(tower, frames)]
+        for it, t in zip(report.items, frames):     # sizes still add up to the placeholders
+            assert round(float(it.size.sum())) == it.placeholders
+            # the blocks are the temporal patches: everything merged into the first one, so every LLM token
+            # holds units of temporal patch 0, and together they hold every unit
+            frame_of = torch.arange(it.placeholders) // (it.placeholders // t)
+            assert bool((it.source >= 0).all())
+            for token in range(it.after_compress):
+                assert frame_of[it.source == token].min() == 0
+            assert set(frame_of[it.source >= 0].tolist()) == set(range(t))
+        assert torch.equal(cached, generate_tokens(model, inputs, use_cache=False))
+        # keep= (a budget per block) gives its closed-form count
+        model.vlmcompress.config = CompressionConfig.from_steps(TemporalMerge(keep=0.5), vision_keep=0.5)
+        generate_tokens(model, inputs)
+        per = [n // t for n, t in zip(tower, frames)]
+        assert [it.after_compress for it in model.vlmcompress.report.items] == \
+            [p + (t - 1) * kept_count(0.5, p) for p, t in zip(per, frames)]
+    finally:
+        unpatch(model)

@@ -234,3 +234,28 @@ def test_merge_budget_with_temporal_merging_on_a_video():
         item = m.vlmcompress.report.items[0]
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
     assert item.after_compress == math.ceil(0.5 * item.placeholders)
+
+
+def test_temporal_merge_runs_on_frame_blocks_without_a_grid():
+    """A grid-less item whose tokens are still T equal frame blocks (StepContext.token_frames: Qwen after
+    stage A) merges like the grid item with the same frames; once a step merges across the blocks they
+    are gone, and temporal merging is refused again."""
+    from vlmcompress.merge import temporal_matching
+
+    state = _state((4, 3, 3), seed=7)
+    step = TemporalMerge(threshold=0.2)
+    plan, grid = step(state, None, StepContext(token_frames=4))
+    expected = Plan.from_merge(temporal_matching(state.x, 4, threshold=0.2))
+    assert grid is None and torch.equal(plan.dst, expected.dst) and plan.num_out == expected.num_out < 36
+    gridded, _ = step(state, (4, 3, 3), StepContext())
+    assert torch.equal(gridded.dst, plan.dst)
+    # keep= per block
+    plan, _ = TemporalMerge(keep=0.5)(state, None, StepContext(token_frames=4))
+    assert plan.num_out == 9 + 3 * 5
+    # apply_steps: blocks survive an identity step, not a merge across them
+    out, _ = apply_steps(state, None, [TemporalMerge(threshold=1.0), step], StepContext(token_frames=4))
+    assert out.num_tokens == expected.num_out
+    with pytest.raises(ValueError, match="put TemporalMerge before it"):
+        apply_steps(state, None, [MergeToBudget(keep_ratio=0.5), step], StepContext(token_frames=4, item_grid=(4, 3, 3)))
+    with pytest.raises(ValueError, match="token_frames=5 does not split"):
+        step(state, None, StepContext(token_frames=5))

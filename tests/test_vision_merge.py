@@ -287,3 +287,43 @@ def test_llava_generate_with_vision_merge():
     assert snapshot(model) == before
     assert torch.equal(model(**inputs).logits, ref)
     assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), ref_ids)
+
+
+@pytest.mark.parametrize("unmerge", [False, True], ids=["merged", "unmerged"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_layers_after_the_read_one_do_not_run(kind, unmerge):
+    """LLaVA reads hidden state -2: under stage A the last layer is not run (it ran at full length
+    under unmerge_output), and the state the VLM reads is the same as when it ran."""
+    model, protected = tower(kind)
+    calls = []
+    handle_hook = model_layers(model)[-1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    cfg = CompressionConfig(vision_keep=0.5)
+    merge = install_vision_merge(model, cfg, protected=protected, feature_layer=-2, unmerge_output=unmerge)
+    out = run(model, PIXELS)
+    merge.remove()
+    assert calls == []
+    assert torch.equal(out.hidden_states[-1], out.hidden_states[-2])   # the unread state repeats the read one
+    # Reference: the same merge with the last layer run (read -1 merges one more layer, so compare the
+    # read state with a tower whose last layer is cut off).
+    del model_layers(model)[-1]
+    merge = install_vision_merge(model, cfg, protected=protected, feature_layer=-1, unmerge_output=unmerge)
+    ref = run(model, PIXELS)
+    merge.remove()
+    assert torch.equal(out.hidden_states[-2], ref.hidden_states[-1])
+    handle_hook.remove()
+
+
+def test_keep_one_runs_every_layer():
+    model, protected = tower("clip")
+    calls = []
+    model_layers(model)[-1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    merge = install_vision_merge(model, CompressionConfig(), protected=protected, feature_layer=-2, unmerge_output=True)
+    run(model, PIXELS)
+    merge.remove()
+    assert calls == [1]
+
+
+def model_layers(model):
+    from vlmcompress.adapters.vision_layers import _find_layers
+
+    return _find_layers(model)[1]

@@ -65,12 +65,16 @@ class StepContext:
             ``x`` (the rest are extra channels riding along, e.g. DeepStack); ``None`` = all.
         item_grid: the item's grid before the first step (set by :func:`apply_steps`), so a step can tell
             "this item never had a grid" from "an earlier step removed it".
+        token_frames: ``T`` when a grid-less item's ``N`` tokens are still ``T`` consecutive blocks of
+            ``N/T``, one per frame (Qwen-VL after merging inside the tower), else ``None``. Temporal
+            merging needs only that; :func:`apply_steps` clears it once a step leaves neither grid nor blocks.
     """
 
     question: str | None = None
     frames: Callable[[], Any] | None = None
     metric_channels: int | None = None
     item_grid: tuple | None = None
+    token_frames: int | None = None
 
     def metric(self, state: TokenState) -> torch.Tensor:
         """``[B, N, C']`` the features similarity and relevance look at."""
@@ -211,12 +215,16 @@ class TemporalMerge:
     def __call__(self, state: TokenState, grid, ctx: StepContext):
         from .merge import temporal_matching
 
-        if grid is None and (ctx.item_grid is None or ctx.item_grid[0] <= 1):
+        blocks = ctx.token_frames if grid is None else None
+        if blocks is not None and (blocks < 1 or state.num_tokens % blocks):
+            raise ValueError(f"StepContext.token_frames={blocks} does not split the item's {state.num_tokens} tokens "
+                             "into equal frame blocks; this is a bug in the adapter that set it")
+        if grid is None and blocks is None and (ctx.item_grid is None or ctx.item_grid[0] <= 1):
             return Plan.identity(state.batch, state.num_tokens, state.x.device), None
-        if grid is None:
+        if grid is None and blocks is None:
             raise ValueError("TemporalMerge needs the item's (T, H, W) grid, but an earlier step left none "
                              "(MergeToBudget, RandomDrop, or a grid-less item): put TemporalMerge before it")
-        frames = grid[0]
+        frames = grid[0] if grid is not None else blocks
         if frames <= 1:
             return Plan.identity(state.batch, state.num_tokens, state.x.device), grid
         if self.threshold is not None:
@@ -325,6 +333,8 @@ def apply_steps(state: TokenState, grid, steps, ctx: StepContext | None = None) 
                 raise ValueError(f"step {name} returned grid {new_grid} for {plan.num_out} tokens; return a (T, H, W) "
                                  "grid holding exactly num_out tokens, or None")
             new_grid = tuple(int(g) for g in new_grid)
+        if new_grid is None and ctx.token_frames is not None and not plan.is_identity:
+            ctx = replace(ctx, token_frames=None)        # the frames' blocks are gone with the plan
         state = plan.apply(state)
         grid = new_grid
     return state, grid
