@@ -294,20 +294,23 @@ def accuracy(family: str, setting: Setting, args) -> float | None:
         return None
     key = (name, setting.name)
     if key not in _ACC_DONE:      # the same for every --frames value (it uses --accuracy-frames)
-        _ACC_DONE[key] = _accuracy(name, setting, args)
+        per_task = per_task_accuracy(family, setting, args)
+        _ACC_DONE[key] = sum(per_task.values()) / len(per_task)
     return _ACC_DONE[key]
 
 
-def _accuracy(name: str, setting: Setting, args) -> float:
+def per_task_accuracy(family: str, setting, args) -> dict[str, float]:
+    """Per task, the exact-match accuracy of the trained tiny model of ``family`` under ``setting.make()``
+    (``None``: unpatched) on ``args.accuracy_per_task`` test items from ``args.accuracy_start``."""
     import vlmcompress as vc
     from vlmcompress import models, synthetic
 
-    cache = _ACC_MODELS.setdefault(name, models.load(name))
-    model, processor = cache
+    name = "synth-onevision" if family == "onevision" else "synth-qwen2-vl"
+    model, processor = _ACC_MODELS.setdefault(name, models.load(name))
     samples = list(synthetic.benchmark(per_task=args.accuracy_per_task, frames=args.accuracy_frames,
                                        start=args.accuracy_start))
     config = setting.make() if setting.make is not None else None
-    right = 0
+    right: dict[str, list[int]] = {}
     for s in samples:
         inputs = inputs_for_question(processor, s)
         with torch.inference_mode():
@@ -317,8 +320,10 @@ def _accuracy(name: str, setting: Setting, args) -> float:
                 with vc.compressed(model, config, processor=processor):
                     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        right += answer.strip().lower().split(" ")[0].strip(".") == s.answer.lower()
-    return right / len(samples)
+        tally = right.setdefault(s.task, [0, 0])
+        tally[0] += answer.strip().lower().split(" ")[0].strip(".") == s.answer.lower()
+        tally[1] += 1
+    return {task: ok / n for task, (ok, n) in right.items()}
 
 
 _ACC_MODELS: dict = {}

@@ -67,7 +67,7 @@ class StepContext:
             "this item never had a grid" from "an earlier step removed it".
         token_frames: ``T`` when a grid-less item's ``N`` tokens are still ``T`` consecutive blocks of
             ``N/T``, one per frame (Qwen-VL after merging inside the tower), else ``None``. Temporal
-            merging needs only that; :func:`apply_steps` clears it once a step leaves neither grid nor blocks.
+            merging needs only that; :func:`apply_steps` clears it once a step changes the tokens.
     """
 
     question: str | None = None
@@ -333,7 +333,7 @@ def apply_steps(state: TokenState, grid, steps, ctx: StepContext | None = None) 
                 raise ValueError(f"step {name} returned grid {new_grid} for {plan.num_out} tokens; return a (T, H, W) "
                                  "grid holding exactly num_out tokens, or None")
             new_grid = tuple(int(g) for g in new_grid)
-        if new_grid is None and ctx.token_frames is not None and not plan.is_identity:
+        if ctx.token_frames is not None and not plan.is_identity:
             ctx = replace(ctx, token_frames=None)        # the frames' blocks are gone with the plan
         state = plan.apply(state)
         grid = new_grid
