@@ -56,7 +56,7 @@ class QwenVLAdapter(FamilyAdapter):
     def install(self, config) -> None:
         super().install(config)
         from vlmcompress.frame_skip import FrameSkip
-        from vlmcompress.steps import PromptGuidedPool, TemporalMerge
+        from vlmcompress.steps import PromptGuidedPool
 
         self._vision = None
         self._pending_grids = []     # full LLM-token grids of the items of the last encode with a merge record

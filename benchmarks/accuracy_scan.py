@@ -16,28 +16,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 
-from vlmcompress.testing.bench import append_csv, csv_row, machine
+from vlmcompress.testing.bench import append_csv, csv_row, load_script, machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "accuracy_scan.csv"
 TASKS = ("colour", "shape", "direction", "count", "needle", "digit", "order")
 FIELDS = ["date", "machine", "model", "frames", "start", "per_task", "setting", "accuracy", *TASKS]
-
-
-def _load_e2e():
-    name = "_benchmarks_e2e"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "e2e.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def configs() -> dict:
@@ -77,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    e2e = _load_e2e()
+    e2e = load_script(HERE / "e2e.py", "_benchmarks_e2e")
     family = "onevision" if args.model == "synth-onevision" else "qwen2_vl"
     acc_args = argparse.Namespace(accuracy_per_task=args.per_task, accuracy_frames=args.frames,
                                   accuracy_start=args.start)

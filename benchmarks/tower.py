@@ -46,17 +46,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from vlmcompress.testing.bench import append_csv, csv_row, load_average, log, machine
+from vlmcompress.testing.bench import append_csv, csv_row, load_average, load_script, log, machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "tower.csv"
@@ -66,18 +64,7 @@ FIELDS = ["date", "machine", "cpus", "threads", "torch", "transformers", "load_s
 KEEP = 0.5
 
 
-def _load_e2e():
-    """``benchmarks/e2e.py`` as a module (benchmarks/ is no package; ``python -P`` does not put it on the path)."""
-    name = "_benchmarks_e2e"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "e2e.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module       # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-e2e = _load_e2e()
+e2e = load_script(HERE / "e2e.py", "_benchmarks_e2e")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,5 @@
 """benchmarks/accuracy_scan.py: every config it names builds, and a one-item-per-task scan prints a row per
 selected setting with the unpatched model's answers right."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +8,9 @@ PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_scan.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("_benchmarks_accuracy_scan", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from vlmcompress.testing.bench import load_script
+
+    return load_script(PATH, "_benchmarks_accuracy_scan")
 
 
 def test_every_config_builds():

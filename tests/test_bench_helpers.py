@@ -1,6 +1,8 @@
 """The plumbing the benchmark scripts share (vlmcompress.testing.bench)."""
 import csv
 
+import pytest
+
 from vlmcompress.testing.bench import append_csv, csv_row, machine, status_kb
 
 
@@ -55,3 +57,22 @@ def test_fidelity_tables_are_built_from_the_committed_results():
         want = sum(acc["random-drop@0.5"]) / sum(acc["none"])
         row = next(line for line in text.splitlines() if line.startswith("| *random-drop*"))
         assert row.split(" | ")[1] == f"{want:.0%}".replace("%", " %")
+
+
+def test_load_script_runs_once_and_forgets_a_failed_load(tmp_path):
+    import sys
+
+    from vlmcompress.testing.bench import load_script
+
+    good = tmp_path / "good.py"
+    good.write_text("import itertools\nCOUNTER = itertools.count()\nFIRST = next(COUNTER)\n")
+    try:
+        first = load_script(good, "_test_load_script_good")
+        assert load_script(good, "_test_load_script_good") is first and next(first.COUNTER) == 1
+    finally:
+        sys.modules.pop("_test_load_script_good", None)
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('broken script')\n")
+    with pytest.raises(RuntimeError, match="broken script"):
+        load_script(bad, "_test_load_script_bad")
+    assert "_test_load_script_bad" not in sys.modules

@@ -1,9 +1,7 @@
 """benchmarks/tower.py end to end at the smallest settings: every vision tower whose adapter supports stage A
 gets a measured row (64-wide towers, real token counts, 2 layers, 2 frames, 1 round)."""
-import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -12,11 +10,9 @@ PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "tower.py"
 
 
 def _tower_module():
-    spec = importlib.util.spec_from_file_location("_benchmarks_tower", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from vlmcompress.testing.bench import load_script
+
+    return load_script(PATH, "_benchmarks_tower")
 
 
 def _rows(text: str) -> dict[str, list[str]]:

@@ -1,5 +1,5 @@
-"""Shared plumbing of the scripts in ``benchmarks/``: machine name, and the Linux counters they read
-peak memory from."""
+"""Shared plumbing of the scripts in ``benchmarks/``: machine name, the Linux counters they read peak
+memory from, and loading one script from another (``benchmarks/`` is no package)."""
 from __future__ import annotations
 
 import os
@@ -109,3 +109,23 @@ def load_average() -> str:
 def log(msg: str) -> None:
     """Progress lines go to stderr, so stdout holds only the table."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def load_script(path, name: str):
+    """The Python file at ``path`` as module ``name`` (executed once; later calls return the same module).
+
+    ``benchmarks/`` is no package and ``python -P`` leaves it off ``sys.path``; the module is registered in
+    ``sys.modules`` before it runs, so its dataclasses can look their module up.
+    """
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
