@@ -64,11 +64,10 @@ class QwenVLAdapter(FamilyAdapter):
         # A FrameSkip first in the steps runs here, before the tower (later ones run as stage-B plans).
         self._skip = steps[0] if steps and isinstance(steps[0], FrameSkip) else None
         self.frame_skips = []        # per video of the last call: its FrameSelection (kept / skipped temporal patches)
+        # Relevance-guided pooling needs the token grid, which merged units no longer form: then the merged
+        # units are spread back over the units they hold after the tower (tower-only, as LLaVA-OneVision).
+        self._spread = any(isinstance(s, PromptGuidedPool) and s.relevance is not None for s in steps)
         if config.compresses_vision:
-            if any(isinstance(s, PromptGuidedPool) and s.relevance is not None for s in steps):
-                raise ValueError("vision_keep < 1 on Qwen-VL leaves no token grid after the tower, so relevance-guided "
-                                 "pooling cannot follow it; use keep_ratio / token_budget (merged to the budget), "
-                                 "TemporalMerge or FrameSkip with stage A, or stage B alone")
             from .qwen_vision_merge import QwenVisionMerge
 
             self._vision = QwenVisionMerge(self.base.visual, config)
@@ -93,7 +92,22 @@ class QwenVLAdapter(FamilyAdapter):
         out = self._vision(pixels, grid_thw)
         self._pending_grids = list(self.token_grids(grid_thw))
         blocks = [int(t) if f.shape[0] % int(t) == 0 else None for f, (t, _, _) in zip(out.features, grid_thw.tolist())]
-        return out, blocks
+        return out, blocks, grid_thw
+
+    def _encode_merged(self, modality: str, kwargs: dict) -> EncodedItems:
+        """Stage A: the merged units as the LLM's tokens (with their merge record), or, when relevance-guided
+        pooling follows (``self._spread``), spread back over the token grid: every unit gets the features of
+        the merged token that holds it, so pooling sees the grid and the tower still ran on fewer tokens."""
+        out, blocks, grid_thw = self._merged(modality, kwargs)
+        # DeepStack taps already hold the final units (they merged along inside the tower).
+        extras = [[layer[i] for layer in out.deepstack] for i in range(len(out.features))] if out.deepstack else None
+        if getattr(self, "_spread", False):
+            rows = [s.source[0].to(f.device) for f, s in zip(out.features, out.states)]
+            feats = [f[r] for f, r in zip(out.features, rows)]
+            extras = [[e[r] for e in item] for item, r in zip(extras, rows)] if extras else None
+            return EncodedItems(feats, self.token_grids(grid_thw), [f.shape[0] for f in feats], extras=extras)
+        return EncodedItems(out.features, [None] * len(out.features), [s.source.shape[1] for s in out.states],
+                            out.states, extras=extras, token_frames=blocks)
 
     def grid_to_positions(self, item_positions, grid_pos, grid):
         """Merge-record centroids ``(t, h', w')`` ``[M, 3]`` (in the item's full LLM-token grid) to M-RoPE
@@ -173,9 +187,7 @@ class QwenVLAdapter(FamilyAdapter):
 
     def _encode(self, modality: str, kwargs: dict) -> EncodedItems:
         if getattr(self, "_vision", None) is not None:
-            out, blocks = self._merged(modality, kwargs)
-            return EncodedItems(out.features, [None] * len(out.features),
-                                [s.source.shape[1] for s in out.states], out.states, token_frames=blocks)
+            return self._encode_merged(modality, kwargs)
         out, grid_thw = self._features(modality, kwargs)
         feats, grids = self._checked(modality, out, grid_thw)
         return EncodedItems(feats, grids, [f.shape[0] for f in feats])
@@ -257,12 +269,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def _encode(self, modality: str, kwargs: dict) -> EncodedItems:
         if getattr(self, "_vision", None) is not None:
-            out, blocks = self._merged(modality, kwargs)
-            # DeepStack taps already hold the final units (they merged along inside the tower).
-            extras = [[layer[i] for layer in out.deepstack] for i in range(len(out.features))] if out.deepstack else None
-            return EncodedItems(out.features, [None] * len(out.features),
-                                [s.source.shape[1] for s in out.states], out.states, extras=extras,
-                                token_frames=blocks)
+            return self._encode_merged(modality, kwargs)
         out, grid_thw = self._features(modality, kwargs)
         feats, grids = self._checked(modality, out, grid_thw)
         layers = out.deepstack_features or []

@@ -197,15 +197,6 @@ def test_bad_settings_raise_clear_errors():
     with pytest.raises(TypeError, match="Qwen-VL vision merging supports"):
         QwenVisionMerge(clip_tower, CompressionConfig(vision_keep=0.5))
     model = cached_model("qwen2_vl")
-
-    class Scorer:
-        def score_features(self, question, features, grid):
-            return features[..., 0]
-
-    relevance = CompressionConfig(vision_keep=0.5, keep_ratio=0.25, relevance=Scorer())
-    with pytest.raises(ValueError, match="no token grid after the tower, so relevance-guided pooling"):
-        patch(model, relevance)
-    assert getattr(model, "vlmcompress", None) is None and "forward" not in model.__dict__
     with pytest.raises(ValueError, match="vision_keep"):
         CompressionConfig(vision_keep=0.0)
     tower, pixels, _ = _tower_io("qwen2_vl", "image", rows=(0,))
@@ -260,4 +251,63 @@ def test_temporal_merging_follows_stage_a(family):
         assert [it.after_compress for it in model.vlmcompress.report.items] == \
             [p + (t - 1) * kept_count(0.5, p) for p, t in zip(per, frames)]
     finally:
+        unpatch(model)
+
+
+class _FirstChannelScorer:
+    """Relevance from the VLM's own features (channel 0): deterministic, no CLIP needed."""
+
+    def score_features(self, question, features, grid):
+        return features[..., 0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relevance_pooling_follows_stage_a_on_the_spread_grid(family):
+    """Relevance-guided pooling needs the token grid: the merged units are spread back over the units they
+    hold (the tower still runs on fewer tokens), and pooling sees exactly those features on the full grid."""
+    from vlmcompress.adapters.qwen_vl import QwenVLAdapter
+    from vlmcompress.steps import pooled_count
+    from vlmcompress.state import TokenState
+
+    model = cached_model(family)
+    inputs = _inputs(family, "video")
+    grids = inputs["video_grid_thw"]
+    config = CompressionConfig(vision_keep=0.5, keep_ratio=0.25, relevance=_FirstChannelScorer())
+    merged_rows = []
+    hook = model.model.visual.merger.register_forward_hook(lambda m, a, o: merged_rows.append(o.shape[0]))
+    patch(model, config)
+    try:
+        adapter = model.vlmcompress.adapter
+        generate_tokens(model, inputs, question="What is shown?")
+        report = model.vlmcompress.report
+        full = [t * h * w // 4 for t, h, w in grids.tolist()]
+        assert [it.placeholders for it in report.items] == full
+        assert [it.after_vision for it in report.items] == full                 # spread back: the grid again
+        assert sum(merged_rows) == sum(qwen_tokens_after(grids, model.model.visual.config,
+                                                         CompressionConfig(vision_keep=0.5)))
+        token_grids = adapter.token_grids(grids)
+        assert [it.grid for it in report.items] == token_grids
+        ones = [TokenState.from_features(torch.zeros(1, n, 1), g) for n, g in zip(full, token_grids)]
+        assert [it.after_compress for it in report.items] == [pooled_count(s, g, 0.25) for s, g in zip(ones, token_grids)]
+        # every unit carries the features of the merged token that holds it
+        enc = QwenVLAdapter._encode_merged(adapter, "video", dict(inputs))
+        merged = adapter._vision(inputs["pixel_values_videos"], grids)
+        for f, m, st in zip(enc.features, merged.features, merged.states):
+            assert torch.equal(f, m[st.source[0]])
+        # with frame skipping first: only the kept temporal patch is encoded, merged, spread and pooled
+        from vlmcompress.frame_skip import FrameSkip
+        from vlmcompress.steps import PromptGuidedPool
+
+        model.vlmcompress.config = CompressionConfig.from_steps(
+            FrameSkip(threshold=1e9), PromptGuidedPool(keep_ratio=0.25, relevance=_FirstChannelScorer()), vision_keep=0.5)
+        merged_rows.clear()
+        generate_tokens(model, inputs, question="What is shown?")
+        report = model.vlmcompress.report
+        assert [it.skipped_frames for it in report.items] == [list(range(1, t)) for t in grids[:, 0].tolist()]
+        assert sum(merged_rows) == sum(qwen_tokens_after(grids.clone().index_fill_(1, torch.tensor([0]), 1),
+                                                         model.model.visual.config, CompressionConfig(vision_keep=0.5)))
+        for it in report.items:
+            assert round(float(it.size.sum())) == it.placeholders and it.after_compress <= -(-it.placeholders // 4)
+    finally:
+        hook.remove()
         unpatch(model)

@@ -30,8 +30,9 @@ class CompressionConfig:
         pool_tau: temperature of the per-window relevance softmax (0.01 in PPLLaVA).
         relevance: ``None`` for plain average pooling, or a scorer that weights pooling by the user's
             question (PPLLaVA). It guides ``budget_method="pool"`` only, and only items whose tokens form a
-            ``T×H×W`` grid; grid-less items (any-res tiled images, tokens merged in the vision tower) are
-            merged to the budget by bipartite matching, without relevance. A scorer implements one of:
+            ``T×H×W`` grid; grid-less items (any-res tiled images, LLaVA-1.5's tokens merged in its vision
+            tower) are merged to the budget by bipartite matching, without relevance. Qwen-VL's units merged
+            in the tower are spread back over the grid when a scorer is set (the tower still merges). A scorer implements one of:
 
             - ``score(question: str, frames, target_grid) -> [1, T*H*W]`` — scores *pixels*, e.g.
               :class:`vlmcompress.ClipRelevanceScorer` (a CLIP, whose space the VLM's features are not
