@@ -84,28 +84,24 @@ class QwenVLAdapter(FamilyAdapter):
                              f"{self.trigger_keys[modality]}: pass the processor outputs unchanged")
         return kwargs[self.trigger_keys[modality]], grid_thw
 
-    def _merged(self, modality: str, kwargs: dict):
-        """Stage-A encode: the merging run of the tower, the grids queued for ``grid_to_positions``, and
-        per item its temporal patches (``EncodedItems.token_frames``: every temporal patch keeps the same
-        number of merged units, frame after frame)."""
+    def _encode_merged(self, modality: str, kwargs: dict) -> EncodedItems:
+        """Stage A: the merging run of the tower. The merged units are the LLM's tokens, with their merge
+        record (the grids queued for ``grid_to_positions``) and per item its temporal patches
+        (``EncodedItems.token_frames``: every temporal patch keeps the same number of merged units, frame
+        after frame). When relevance-guided pooling follows (``self._spread``) they are spread back over the
+        token grid instead: every unit gets the features of the merged token that holds it, so pooling sees
+        the grid and the tower still ran on fewer tokens."""
         pixels, grid_thw = self._pixels_and_grid(modality, kwargs)
         out = self._vision(pixels, grid_thw)
-        self._pending_grids = list(self.token_grids(grid_thw))
-        blocks = [int(t) if f.shape[0] % int(t) == 0 else None for f, (t, _, _) in zip(out.features, grid_thw.tolist())]
-        return out, blocks, grid_thw
-
-    def _encode_merged(self, modality: str, kwargs: dict) -> EncodedItems:
-        """Stage A: the merged units as the LLM's tokens (with their merge record), or, when relevance-guided
-        pooling follows (``self._spread``), spread back over the token grid: every unit gets the features of
-        the merged token that holds it, so pooling sees the grid and the tower still ran on fewer tokens."""
-        out, blocks, grid_thw = self._merged(modality, kwargs)
         # DeepStack taps already hold the final units (they merged along inside the tower).
         extras = [[layer[i] for layer in out.deepstack] for i in range(len(out.features))] if out.deepstack else None
-        if getattr(self, "_spread", False):
+        if self._spread:
             rows = [s.source[0].to(f.device) for f, s in zip(out.features, out.states)]
             feats = [f[r] for f, r in zip(out.features, rows)]
             extras = [[e[r] for e in item] for item, r in zip(extras, rows)] if extras else None
             return EncodedItems(feats, self.token_grids(grid_thw), [f.shape[0] for f in feats], extras=extras)
+        self._pending_grids = list(self.token_grids(grid_thw))
+        blocks = [int(t) if f.shape[0] % int(t) == 0 else None for f, (t, _, _) in zip(out.features, grid_thw.tolist())]
         return EncodedItems(out.features, [None] * len(out.features), [s.source.shape[1] for s in out.states],
                             out.states, extras=extras, token_frames=blocks)
 

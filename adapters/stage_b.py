@@ -23,7 +23,7 @@ def compress_item(state: TokenState, grid, config: CompressionConfig, *, questio
     if not steps:
         return state
     ctx = StepContext(question=question, frames=_scorer_frames(frames), metric_channels=metric_channels,
-                      token_frames=None if grid is not None else token_frames)
+                      token_frames=token_frames)
     state, _ = apply_steps(state, grid, steps, ctx)
     return state
 

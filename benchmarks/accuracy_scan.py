@@ -2,7 +2,7 @@
 
 Usage:
     python -P benchmarks/accuracy_scan.py --model synth-qwen2-vl --per-task 24 --start 0
-    python -P benchmarks/accuracy_scan.py --model synth-onevision --only "A 0.5 + skip" presets
+    python -P benchmarks/accuracy_scan.py --model synth-onevision --only "A 0.5 + skip" preset
 
 Every config is run through ``benchmarks/e2e.py``'s accuracy function (the shipped model of
 ``vlmcompress.models``, ``vlmcompress.synthetic``'s test split, 16 frames, 4 new tokens, greedy, the first
@@ -49,11 +49,6 @@ def configs() -> dict:
     return out
 
 
-class _Setting:
-    def __init__(self, name, make):
-        self.name, self.make = name, make
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="synth-qwen2-vl", choices=["synth-qwen2-vl", "synth-onevision"])
@@ -66,7 +61,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     e2e = load_script(HERE / "e2e.py", "_benchmarks_e2e")
-    family = "onevision" if args.model == "synth-onevision" else "qwen2_vl"
+    family = next(f for f, name in e2e.TRAINED.items() if name == args.model)
     acc_args = argparse.Namespace(accuracy_per_task=args.per_task, accuracy_frames=args.frames,
                                   accuracy_start=args.start)
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -76,7 +71,7 @@ def main(argv=None) -> int:
     for name, make in configs().items():
         if args.only and name != "none" and not any(o in name for o in args.only):
             continue
-        per_task = e2e.per_task_accuracy(family, _Setting(name, make), acc_args)
+        per_task = e2e.per_task_accuracy(family, e2e.Setting(name, make), acc_args)
         total = sum(per_task.values()) / len(per_task)
         print(f"| {name} | {total:.3f} | " + " | ".join(f"{per_task[t]:.2f}" for t in TASKS) + " |", flush=True)
         rows.append(dict(date=date, machine=machine(), model=args.model, frames=args.frames, start=args.start,

@@ -82,7 +82,7 @@ QWEN2_15B = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=1
 class Setting:
     name: str
     make: object           # () -> CompressionConfig, or None for the unpatched model
-    stage_a: bool = False
+    tower_ideal: bool = False   # print the tower's FLOP-ideal beside its speed-up (stage A alone)
 
 
 def settings(family: str) -> list[Setting]:
@@ -97,20 +97,20 @@ def settings(family: str) -> list[Setting]:
     pa = dict(llm_proportional_attention=True)
     return [
         Setting("unpatched", None),
-        Setting("A: vision_keep 0.5", lambda: C(vision_keep=0.5), stage_a=True),
+        Setting("A: vision_keep 0.5", lambda: C(vision_keep=0.5), tower_ideal=True),
         Setting("skip: FrameSkip 0.05", lambda: C.from_steps(skip)),
         Setting("B: pool 0.1", lambda: C.from_steps(pool)),
         Setting("skip + B 0.1", lambda: C.from_steps(skip, pool)),
-        Setting("A 0.5 + skip", lambda: C.from_steps(skip, vision_keep=0.5), stage_a=True),
-        Setting("A 0.75 + skip", lambda: C.from_steps(skip, vision_keep=0.75), stage_a=True),
-        Setting("A 0.9 + skip", lambda: C.from_steps(skip, vision_keep=0.9), stage_a=True),
-        Setting("A 0.5 + skip + B 0.1", lambda: C.from_steps(skip, pool, vision_keep=0.5), stage_a=True),
-        Setting("A 0.5 + skip + B 0.25", lambda: C.from_steps(skip, pool25, vision_keep=0.5), stage_a=True),
+        Setting("A 0.5 + skip", lambda: C.from_steps(skip, vision_keep=0.5)),
+        Setting("A 0.75 + skip", lambda: C.from_steps(skip, vision_keep=0.75)),
+        Setting("A 0.9 + skip", lambda: C.from_steps(skip, vision_keep=0.9)),
+        Setting("A 0.5 + skip + B 0.1", lambda: C.from_steps(skip, pool, vision_keep=0.5)),
+        Setting("A 0.5 + skip + B 0.25", lambda: C.from_steps(skip, pool25, vision_keep=0.5)),
         Setting("skip + B 0.25", lambda: C.from_steps(skip, pool25)),
         Setting("skip + T 0.9, LLM PA", lambda: C.from_steps(skip, temporal, **pa)),
-        Setting("A 0.6 + skip, LLM PA", lambda: C.from_steps(skip, vision_keep=0.6, **pa), stage_a=True),
-        Setting("A 0.6 + skip + T 0.9, LLM PA", lambda: C.from_steps(skip, temporal, vision_keep=0.6, **pa), stage_a=True),
-        Setting("A 0.5 + skip + T 0.9, LLM PA", lambda: C.from_steps(skip, temporal, vision_keep=0.5, **pa), stage_a=True),
+        Setting("A 0.6 + skip, LLM PA", lambda: C.from_steps(skip, vision_keep=0.6, **pa)),
+        Setting("A 0.6 + skip + T 0.9, LLM PA", lambda: C.from_steps(skip, temporal, vision_keep=0.6, **pa)),
+        Setting("A 0.5 + skip + T 0.9, LLM PA", lambda: C.from_steps(skip, temporal, vision_keep=0.5, **pa)),
     ]
 
 
@@ -289,7 +289,7 @@ def accuracy(family: str, setting: Setting, args) -> float | None:
     model is not installed."""
     from vlmcompress import models
 
-    name = "synth-onevision" if family == "onevision" else "synth-qwen2-vl"
+    name = TRAINED[family]
     if name not in models.available():
         return None
     key = (name, setting.name)
@@ -305,7 +305,7 @@ def per_task_accuracy(family: str, setting, args) -> dict[str, float]:
     import vlmcompress as vc
     from vlmcompress import models, synthetic
 
-    name = "synth-onevision" if family == "onevision" else "synth-qwen2-vl"
+    name = TRAINED[family]
     model, processor = _ACC_MODELS.setdefault(name, models.load(name))
     samples = list(synthetic.benchmark(per_task=args.accuracy_per_task, frames=args.accuracy_frames,
                                        start=args.accuracy_start))
@@ -326,6 +326,7 @@ def per_task_accuracy(family: str, setting, args) -> dict[str, float]:
     return {task: ok / n for task, (ok, n) in right.items()}
 
 
+TRAINED = {"onevision": "synth-onevision", "qwen2_vl": "synth-qwen2-vl"}   # family -> shipped tiny model
 _ACC_MODELS: dict = {}
 _ACC_DONE: dict = {}
 
@@ -393,7 +394,7 @@ def run_family(family: str, args, common: dict) -> list[dict]:
             row.update(speedup=base["e2e_s"] / row["e2e_s"], speedup_min=min(ratios), speedup_max=max(ratios),
                        vision_speedup=base["vision_s"] / row["vision_s"], vision_speedup_min=min(tower),
                        vision_speedup_max=max(tower))
-            if case["setting"].stage_a and case["setting"].name.startswith("A:"):     # stage A alone
+            if case["setting"].tower_ideal:
                 row["vision_ideal"] = tower_ideal(family, model, grid if grid is not None else frames, case["config"])
             if args.accuracy_per_task:
                 acc = accuracy(family, case["setting"], args)

@@ -196,7 +196,6 @@ def test_bad_settings_raise_clear_errors():
     clip_tower = cached_model("llava").model.vision_tower
     with pytest.raises(TypeError, match="Qwen-VL vision merging supports"):
         QwenVisionMerge(clip_tower, CompressionConfig(vision_keep=0.5))
-    model = cached_model("qwen2_vl")
     with pytest.raises(ValueError, match="vision_keep"):
         CompressionConfig(vision_keep=0.0)
     tower, pixels, _ = _tower_io("qwen2_vl", "image", rows=(0,))
